@@ -1,0 +1,186 @@
+"""Recipe arguments: HfArgumentParser dataclasses filled from a YAML file plus CLI overrides.
+
+    args = parse_args(RECIPES["train_lm"], argv)     # argv like ["--config", "x.yaml", "--max_steps", "10"]
+
+The YAML gives values, `--key value` flags override them, and an unknown key in either is an error.
+Every field of every recipe lives here so that `dsrecipes check --recipe R.yaml` can validate any recipe
+config without importing the recipe script.
+"""
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+from dsrecipes.errors import ConfigError
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = _f(None, "Hub name or local HF directory. Unset: build from model_config.")
+    model_config: str = _f("configs/models/tiny_gpt2.json", "HF config.json used when model_name_or_path is unset.")
+    tokenizer_name_or_path: Optional[str] = _f(
+        None, "Tokenizer dir or hub name. Unset: the model dir's tokenizer, else the built-in byte tokenizer."
+    )
+    gradient_checkpointing: str = _f(
+        "none", "Activation checkpointing: none | full | every_k | deepspeed.", choices=["none", "full", "every_k", "deepspeed"]
+    )
+    gradient_checkpointing_reentrant: bool = _f(False, "Use reentrant torch.utils.checkpoint (HF full mode).")
+    checkpoint_every_k: int = _f(0, "every_k mode: checkpoint every k-th block; 0 = round(sqrt(n_layer)).")
+    freeze_embeddings: bool = _f(False, "Static freezing: freeze token and position embeddings.")
+    freeze_first_n_blocks: int = _f(0, "Static freezing: freeze the first n transformer blocks.")
+    freeze_patterns: list[str] = _f([], "Static freezing: regexes of parameter names to freeze.")
+
+
+@dataclass
+class DataArguments:
+    dataset: str = _f(
+        "generated", "'generated' (built-in learnable corpus), a local .txt/.json/.jsonl/.parquet file, or a hub name."
+    )
+    dataset_config: Optional[str] = _f(None, "Hub dataset config name.")
+    text_column: str = _f("text", "Column holding the text.")
+    block_size: int = _f(128, "Tokens per training sequence.")
+    generated_docs: int = _f(2000, "Generated corpus: number of training documents.")
+    generated_seed: int = _f(1234, "Generated corpus: seed of the language (same seed = same language).")
+    eval_docs: int = _f(200, "Generated corpus: held-out documents for eval.")
+    eval_fraction: float = _f(0.05, "File or hub data without an eval split: fraction held out for eval.")
+    max_eval_batches: int = _f(0, "Cap on eval batches per evaluation (0 = whole eval set).")
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = _f("outputs/train_lm", "Where metrics.jsonl, summary.json, checkpoints/ and final/ go.")
+    seed: int = _f(42, "Seed for model init, data order and dropout.")
+    per_device_train_batch_size: int = _f(8, "Micro-batch per process (DeepSpeed train_micro_batch_size_per_gpu).")
+    per_device_eval_batch_size: int = _f(16, "Eval batch per process.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    max_steps: int = _f(200, "Optimizer steps to train.")
+    learning_rate: float = _f(1e-3, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.95, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping (DeepSpeed gradient_clipping).")
+    lr_scheduler_type: str = _f("cosine", "transformers scheduler name: cosine, linear, constant_with_warmup, ...")
+    warmup_steps: int = _f(10, "Linear warm-up steps.")
+    optimizer: str = _f(
+        "adamw",
+        "adamw (torch; DeepSpeedCPUAdam under offload) | adamw_8bit | paged_adamw_8bit (bitsandbytes) | "
+        "torchao_adamw_8bit | torchao_adamw_4bit.",
+        choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "torchao_adamw_8bit", "torchao_adamw_4bit"],
+    )
+    logging_steps: int = _f(5, "Log every n optimizer steps.")
+    eval_steps: int = _f(50, "Evaluate every n optimizer steps (and at the end).")
+    save_steps: int = _f(100, "Checkpoint every n optimizer steps (0 = only at the end).")
+    save_total_limit: int = _f(2, "Keep the last k checkpoints.")
+    resume_from: Optional[str] = _f(None, "'latest' or a checkpoint directory.")
+    report_to: str = _f("tensorboard", "accelerate tracker: tensorboard | none.", choices=["tensorboard", "none"])
+    export_final: bool = _f(True, "Write output_dir/final/ as a Hugging Face model directory.")
+
+
+RECIPES: dict[str, tuple[type, ...]] = {
+    "train_lm": (ModelArguments, DataArguments, TrainArguments),
+}
+
+
+def register(name: str, dataclass_types: tuple[type, ...]) -> None:
+    RECIPES[name] = dataclass_types
+
+
+def field_names(dataclass_types) -> set[str]:
+    return {f.name for dc in dataclass_types for f in dataclasses.fields(dc)}
+
+
+def _base_type(tp):
+    """int for Optional[int], list for list[str], etc."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0]) if len(args) == 1 else tp
+    return origin or tp
+
+
+def validate_values(values: dict, dataclass_types, where: str) -> None:
+    """Unknown keys and wrong types (a string "8" where a number goes) are errors, one line each."""
+    fields = {f.name: f for dc in dataclass_types for f in dataclasses.fields(dc)}
+    for key, value in values.items():
+        if key not in fields:
+            near = sorted(k for k in fields if k.split("_")[0] == key.split("_")[0])[:4]
+            hint = f"did you mean one of {near}?" if near else f"valid keys: {sorted(fields)}"
+            raise ConfigError(where, key, "unknown key", f"remove it or fix the spelling ({hint})")
+        f = fields[key]
+        want = _base_type(f.type)
+        if value is None:
+            continue
+        if want in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(where, key, f"expected a number, got {type(value).__name__} {value!r}",
+                              f"write it unquoted, e.g. {key}: {_example(want)}")
+        if want is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(where, key, f"expected an integer, got {value!r}", f"write a whole number")
+        if want is bool and not isinstance(value, bool):
+            raise ConfigError(where, key, f"expected true/false, got {value!r}", "write true or false")
+        if want is str and not isinstance(value, str):
+            raise ConfigError(where, key, f"expected a string, got {value!r}", "quote the value")
+        if want is list and not isinstance(value, list):
+            raise ConfigError(where, key, f"expected a list, got {value!r}", f"write {key}: [a, b]")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(where, key, f"{value!r} is not one of {choices}", "pick one of those")
+
+
+def _example(tp):
+    return 8 if tp is int else 0.001
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(path, "--config", "file not found", "pass an existing YAML file (see configs/recipes/)")
+    try:
+        with open(path) as fh:
+            values = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        pos = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(path, "-", f"invalid YAML{pos} ({getattr(exc, 'problem', exc)})", "fix the YAML syntax") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(path, "-", "top level must be a mapping of key: value", "write one `key: value` per line")
+    return values
+
+
+def parse_args(dataclass_types, argv=None, validate=None):
+    """YAML (--config) plus CLI overrides -> one merged namespace object with every field as attribute.
+
+    Returns (namespace, config_path). `validate(ns, where)` may raise ConfigError for cross-field checks.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    values = load_yaml(known.config) if known.config else {}
+    validate_values(values, dataclass_types, known.config or "<cli>")
+
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", default=None, help="Recipe YAML; its keys are the fields below.")
+    parser.set_defaults(**values)
+    ns, remaining = parser.parse_known_args(rest)
+    if remaining:
+        bad = next((r for r in remaining if r.startswith("--")), remaining[0])
+        raise ConfigError("<cli>", bad, "unknown argument", "run the recipe with --help to list the valid flags")
+    merged = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k != "config"})
+    return merged, known.config
+
+
+def as_dict(ns) -> dict:
+    return dict(vars(ns))

@@ -1,0 +1,141 @@
+"""Checkpoints that are never half-written, exact resume, preemption signals, and the final HF export.
+
+    ckpt = Checkpoints(accelerator, output_dir, keep_last=2)
+    path = ckpt.resolve(args.resume_from)            # 'latest' | a path | None
+    state = ckpt.load(path)                          # accelerator.load_state + trainer_state.json
+    ckpt.save(step, {"step": step, ...})             # save_state into .tmp-*, then an atomic rename
+    stop = StopFlag(); stop.requested(accelerator)   # SIGUSR1/SIGTERM seen on any rank?
+    export_final(accelerator, model, tokenizer, out) # consolidated (ZeRO-3 too) HF directory, atomically
+
+Layout: output_dir/checkpoints/step_00000100/{pytorch_model/, random_states_*.pkl, trainer_state.json}
+and output_dir/checkpoints/latest (a text file naming the newest complete checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+from dsrecipes.errors import ConfigError
+
+STATE_FILE = "trainer_state.json"
+# Fault injection for the crash test: SIGKILL this process after the checkpoint of step N is written
+# to its temporary directory but before it is renamed into place.
+KILL_IN_SAVE_ENV = "DSRECIPES_FAULT_KILL_IN_SAVE"
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpoints:
+    def __init__(self, accelerator, output_dir: str, keep_last: int = 2):
+        self.acc = accelerator
+        self.root = os.path.join(output_dir, "checkpoints")
+        self.keep_last = max(1, keep_last)
+        if self.acc.is_main_process:
+            os.makedirs(self.root, exist_ok=True)
+            for name in os.listdir(self.root):  # leftovers of a crash mid-write
+                if name.startswith(".tmp-"):
+                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------ find
+    def latest(self) -> str | None:
+        pointer = os.path.join(self.root, "latest")
+        if not os.path.isfile(pointer):
+            return None
+        with open(pointer) as fh:
+            name = fh.read().strip()
+        path = os.path.join(self.root, name)
+        return path if os.path.isfile(os.path.join(path, STATE_FILE)) else None
+
+    def resolve(self, resume_from: str | None) -> str | None:
+        if not resume_from:
+            return None
+        if resume_from == "latest":
+            return self.latest()  # nothing yet: start fresh (a requeued job's first run)
+        if not os.path.isfile(os.path.join(resume_from, STATE_FILE)):
+            raise ConfigError("<args>", "resume_from", f"{resume_from!r} is not a complete checkpoint (no {STATE_FILE})",
+                              f"pass 'latest' or a directory under {self.root}")
+        return resume_from
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, step: int, trainer_state: dict) -> str:
+        name = f"step_{step:08d}"
+        final, tmp = os.path.join(self.root, name), os.path.join(self.root, f".tmp-{name}")
+        if self.acc.is_main_process and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(tmp)  # every rank writes its ZeRO shards and RNG state
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            write_json_atomic(os.path.join(tmp, STATE_FILE), trainer_state)
+            if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if os.path.exists(final):  # re-saving a step (after a resume): swap the old one out
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            with open(os.path.join(self.root, "latest.tmp"), "w") as fh:
+                fh.write(name + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(os.path.join(self.root, "latest.tmp"), os.path.join(self.root, "latest"))
+            self._prune(keep=name)
+        self.acc.wait_for_everyone()
+        return final
+
+    def _prune(self, keep: str) -> None:
+        done = sorted(n for n in os.listdir(self.root) if n.startswith("step_"))
+        for name in done[: -self.keep_last]:
+            if name != keep:
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+    def load(self, path: str) -> dict:
+        self.acc.load_state(path)
+        with open(os.path.join(path, STATE_FILE)) as fh:
+            return json.load(fh)
+
+
+class StopFlag:
+    """Remembers SIGUSR1/SIGTERM (SLURM preemption) so training can checkpoint at the next step boundary."""
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self.signum = 0
+        for s in signals:
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def requested(self, accelerator) -> bool:
+        """True on every rank once any rank got a signal (ranks must stop at the same step)."""
+        import torch
+
+        flag = torch.tensor([float(self.signum)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+
+def export_final(accelerator, model, tokenizer, out_dir: str) -> str:
+    """Consolidate the weights (gathering ZeRO-3 shards) and write an HF directory, via a temp dir + rename."""
+    state_dict = accelerator.get_state_dict(model)  # collective: every rank must call it
+    tmp = out_dir.rstrip("/") + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    accelerator.wait_for_everyone()
+    return out_dir

@@ -1,0 +1,101 @@
+"""Pieces every training recipe shares: the Accelerator, DeepSpeed "auto" values owned by the recipe,
+dataloaders with a resumable order, the LR schedule, and eval loss/perplexity.
+
+    accelerator = make_accelerator(args, project="train_lm")
+    fill_deepspeed_from_recipe(accelerator, args)     # gradient_clipping etc. come from the recipe YAML
+    train_dl, eval_dl = make_dataloaders(train_ds, eval_ds, args)
+    loss = evaluate_lm(model, eval_dl, accelerator)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def fix_cpu_deepspeed_world_size() -> None:
+    """accelerate 1.15 leaves num_processes=1 for DeepSpeed on a machine without GPUs (DeepSpeed's cpu
+    accelerator), although DeepSpeed initialised a world of N ranks: every rank would then read the whole
+    dataset and reductions would be skipped. Tell accelerate's shared state the real world."""
+    import torch.distributed as dist
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState()
+    if state.distributed_type == DistributedType.DEEPSPEED and dist.is_initialized() \
+            and state.num_processes != dist.get_world_size():
+        state.num_processes = dist.get_world_size()
+        state.process_index = dist.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+
+
+def make_accelerator(args, project: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    fix_cpu_deepspeed_world_size()
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # One scheduler step per optimizer step, whatever the number of processes.
+        step_scheduler_with_optimizer=False,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, "tensorboard")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def deepspeed_config(accelerator) -> dict | None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin.deepspeed_config if plugin is not None else None
+
+
+def zero_stage(accelerator) -> int | None:
+    cfg = deepspeed_config(accelerator)
+    return None if cfg is None else int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def fill_deepspeed_from_recipe(accelerator, args) -> None:
+    """Values the recipe owns, written where the DeepSpeed JSON says "auto" (accelerate would use its defaults)."""
+    cfg = deepspeed_config(accelerator)
+    if cfg is None:
+        return
+    if cfg.get("gradient_clipping") == "auto":
+        cfg["gradient_clipping"] = float(args.max_grad_norm)
+
+
+def make_dataloaders(train_ds, eval_ds, args):
+    from torch.utils.data import DataLoader
+
+    train_dl = DataLoader(train_ds, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True)
+    eval_dl = DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, shuffle=False)
+    return train_dl, eval_dl
+
+
+def make_scheduler(optimizer, args):
+    from transformers import get_scheduler
+
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
+                         num_training_steps=args.max_steps)
+
+
+@torch.no_grad()
+def evaluate_lm(model, eval_dl, accelerator, max_batches: int = 0) -> float:
+    """Mean token loss over the eval set, gathered across ranks (duplicated padding samples dropped)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i, batch in enumerate(eval_dl):
+        if max_batches and i >= max_batches:
+            break
+        loss = model(**batch).loss.detach().float()
+        losses.append(accelerator.gather_for_metrics(loss.repeat(batch["input_ids"].shape[0])))
+    model.train(was_training)
+    return torch.cat(losses).mean().item()
+
+
+def mean_across_ranks(accelerator, value: torch.Tensor) -> float:
+    value = value.detach().float().reshape(1).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        value = accelerator.reduce(value, reduction="mean")
+    return value.item()
