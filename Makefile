@@ -15,8 +15,11 @@ export PYTHONUNBUFFERED := 1
 
 ACCELERATE_CONFIG ?= configs/accelerate/deepspeed_cpu_2proc.yaml
 RECIPE ?= configs/recipes/train_tiny_zero2.yaml
+DS ?=
 ARGS ?=
-LAUNCH := $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG)
+# One process per core on CPU; on GPU nodes each rank drives its GPU (torchrun's default is 1 thread too).
+LAUNCH = $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_cpu_threads_per_process 1 \
+	$(if $(DS),--deepspeed_config_file $(DS))
 
 .PHONY: help setup test test-fast train lint check quality clean
 help:  ## list targets
@@ -40,6 +43,31 @@ train: setup  ## train the tiny default (2 CPU procs, ZeRO-2) and print where th
 
 check: setup  ## lint every shipped config with dsrecipes check
 	$(BIN)/dsrecipes check --all
+
+# ---- SLURM (slurm/README.md). `make slurm-*` submits with sbatch and prints the job id and log path.
+.PHONY: setup-slurm test-slurm slurm-train slurm-distill slurm-pipeline slurm-serve
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SBATCH_ARGS ?=
+SUBMIT = mkdir -p logs && id=$$(sbatch --parsable $(SBATCH_ARGS) $(1)) && id=$${id%%;*} && \
+	echo "submitted job $$id; log: $$(scontrol show job $$id | grep -o 'StdOut=[^ ]*' | cut -d= -f2)"
+setup-slurm:  ## install SLURM + munge from Debian (for the local test cluster; root or sudo)
+	$(SUDO) apt-get update
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
+
+test-slurm: setup  ## only the SLURM tests (a real 2-node cluster on 127.0.0.1, started and stopped by the tests)
+	$(BIN)/python -m pytest tests/test_slurm.py -q -m slurm
+
+slurm-train:  ## sbatch slurm/train.sbatch (2 nodes, the same launch line as `make train`)
+	@$(call SUBMIT,slurm/train.sbatch --config $(RECIPE) --accelerate-config $(ACCELERATE_CONFIG) $(ARGS))
+
+slurm-distill:  ## sbatch slurm/distill.sbatch (2 nodes; ARGS="--config ..." picks the recipe YAML)
+	@$(call SUBMIT,slurm/distill.sbatch $(ARGS))
+
+slurm-pipeline:  ## sbatch slurm/pipeline.sbatch (2 pipeline stages, one per node)
+	@$(call SUBMIT,slurm/pipeline.sbatch $(ARGS))
+
+slurm-serve:  ## sbatch slurm/serve.sbatch (1 node; the log names the URL)
+	@$(call SUBMIT,slurm/serve.sbatch $(ARGS))
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache

@@ -44,7 +44,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.tokenizer_name_or_path, args.model_name_or_path)
     with accelerator.main_process_first():
         train_ds, eval_ds, data_info = build_lm_datasets(args, tokenizer)
-    model = build_causal_lm(args, tokenizer)
+    model = build_causal_lm(args, tokenizer, accelerator=accelerator)
     memory.apply_activation_checkpointing(model, args, accelerator)
     frozen = apply_static_freezing(model, args)
     optimizer = build_optimizer(model, args)
@@ -72,6 +72,7 @@ def main(argv=None):
     model.train()
     bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     micro_losses, tokens_seen, t_loop, first_loss, preempted = [], 0, time.time(), state.get("first_loss"), False
+    data_sum = 0
     eval_loss, train_loss = state.get("eval_loss"), state.get("last_loss")
     while step < args.max_steps and not preempted:
         train_dl.set_epoch(epoch)
@@ -85,6 +86,7 @@ def main(argv=None):
                 optimizer.step()
                 optimizer.zero_grad()
             micro_losses.append(loss.detach().float())
+            data_sum += int(batch["input_ids"].sum())  # fingerprint of this rank's data order
             batch_in_epoch += 1
             tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -99,8 +101,9 @@ def main(argv=None):
             if step % args.logging_steps == 0 or step == args.max_steps:
                 elapsed = time.time() - t_loop
                 rec = {"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch,
-                       "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+                       "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "data_sum": data_sum}
                 log.write(rec)
+                data_sum = 0
                 accelerator.log({"train/loss": train_loss, "train/lr": rec["lr"]}, step=step)
                 bar.set_postfix(loss=f"{train_loss:.3f}")
             if step % args.eval_steps == 0 or step == args.max_steps:
@@ -141,7 +144,8 @@ def main(argv=None):
     accelerator.end_training()
     if accelerator.is_main_process:
         what = f"preempted at step {step}; resume with --resume_from latest" if preempted else f"trained {step} steps"
-        print(f"{what}: loss {first_loss:.3f} -> {train_loss:.3f}, eval loss {eval_loss:.3f} "
+        ev = "n/a" if eval_loss is None else f"{eval_loss:.3f}"  # None when preempted before the first eval
+        print(f"{what}: loss {first_loss:.3f} -> {train_loss:.3f}, eval loss {ev} "
               f"(unigram entropy {data_info['unigram_entropy']:.3f}); outputs in {os.path.abspath(args.output_dir)}"
               + (f"; model in {final_dir}" if final_dir else ""))
     if torch.distributed.is_initialized():

@@ -8,6 +8,7 @@ config without importing the recipe script.
 """
 import argparse
 import dataclasses
+import difflib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ def validate_values(values: dict, dataclass_types, where: str) -> None:
     fields = {f.name: f for dc in dataclass_types for f in dataclasses.fields(dc)}
     for key, value in values.items():
         if key not in fields:
-            near = sorted(k for k in fields if k.split("_")[0] == key.split("_")[0])[:4]
+            near = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.75)
             hint = f"did you mean one of {near}?" if near else f"valid keys: {sorted(fields)}"
             raise ConfigError(where, key, "unknown key", f"remove it or fix the spelling ({hint})")
         f = fields[key]
@@ -184,3 +185,21 @@ def parse_args(dataclass_types, argv=None, validate=None):
 
 def as_dict(ns) -> dict:
     return dict(vars(ns))
+
+
+@dataclass
+class PipelineArguments:
+    """recipes/train_pipeline.py: the DeepSpeed pipeline engine (the `pipeline` settings live here, not in the JSON)."""
+    num_stages: int = _f(2, "Pipeline stages; the world size must be a multiple of it (the rest is data parallel).")
+    partition_method: str = _f(
+        "type:block", "How layers are split over stages: parameters | uniform | type:<regex> (balance the layers "
+        "whose class name matches, e.g. type:block).")
+    activation_checkpoint_interval: int = _f(0, "Checkpoint activations every k layers inside a stage (0 = off).")
+    deepspeed_config: Optional[str] = _f(
+        None, "DeepSpeed JSON, ZeRO 0 or 1 only. Unset: the one `accelerate launch` names, else "
+        "configs/deepspeed/zero1.json.")
+    mixed_precision: str = _f("no", "no | bf16 | fp16 (or accelerate launch --mixed_precision).",
+                              choices=["no", "bf16", "fp16"])
+
+
+register("train_pipeline", (ModelArguments, DataArguments, TrainArguments, PipelineArguments))

@@ -8,6 +8,7 @@ through the usual `from_pretrained` for users who have a network.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -41,8 +42,35 @@ def load_model_config(path: str, tokenizer=None):
     return config
 
 
-def build_causal_lm(model_args, tokenizer=None, config_overrides: dict | None = None):
+@contextlib.contextmanager
+def zero3_init_scope(accelerator):
+    """Build models sharded (deepspeed.zero.Init) only when the accelerate config says zero3_init_flag: true.
+
+    accelerate 1.15 registers its ZeRO-3 config with transformers whatever the flag says, so from_config and
+    from_pretrained would always build under zero.Init. That draws a different init RNG stream (ZeRO-3 would
+    not match ZeRO 0-2) and is only needed when the model does not fit one device unsharded.
+    """
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is None or plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def build_causal_lm(model_args, tokenizer=None, config_overrides: dict | None = None, accelerator=None):
     """AutoModelForCausalLM from model_name_or_path, or freshly initialised from model_config."""
+    with zero3_init_scope(accelerator):
+        return _build_causal_lm(model_args, tokenizer, config_overrides)
+
+
+def _build_causal_lm(model_args, tokenizer, config_overrides):
     from transformers import AutoModelForCausalLM
 
     if model_args.model_name_or_path:
