@@ -67,7 +67,11 @@ def fill_deepspeed_from_recipe(accelerator, args) -> None:
 def make_dataloaders(train_ds, eval_ds, args):
     from torch.utils.data import DataLoader
 
-    train_dl = DataLoader(train_ds, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True)
+    # The loader's own generator: every new iterator draws its base seed from it, not from the global torch RNG.
+    # Otherwise the iterator re-created on a mid-epoch resume shifts the dropout RNG stream by one draw and the
+    # resumed run drifts from the uninterrupted one (tests/test_slurm.py::test_preempt_requeue_resume).
+    train_dl = DataLoader(train_ds, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(args.seed))
     eval_dl = DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, shuffle=False)
     return train_dl, eval_dl
 
@@ -79,17 +83,27 @@ def make_scheduler(optimizer, args):
                          num_training_steps=args.max_steps)
 
 
+def per_sample_lm_loss(logits, labels) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sequence (labels == -100 ignored), shape [batch]."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
+                                            reduction="none")
+    mask = (shift_labels != -100).float()
+    return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 @torch.no_grad()
 def evaluate_lm(model, eval_dl, accelerator, max_batches: int = 0) -> float:
-    """Mean token loss over the eval set, gathered across ranks (duplicated padding samples dropped)."""
+    """Mean per-sequence loss over the eval set, gathered across ranks (the padding duplicates that make
+    batches even are dropped by gather_for_metrics, which is why losses are kept per sample)."""
     was_training = model.training
     model.eval()
     losses = []
     for i, batch in enumerate(eval_dl):
         if max_batches and i >= max_batches:
             break
-        loss = model(**batch).loss.detach().float()
-        losses.append(accelerator.gather_for_metrics(loss.repeat(batch["input_ids"].shape[0])))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        losses.append(accelerator.gather_for_metrics(per_sample_lm_loss(logits, batch["labels"])))
     model.train(was_training)
     return torch.cat(losses).mean().item()
 
