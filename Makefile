@@ -12,6 +12,9 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
+# The venv first on PATH: its ninja (not /usr/bin/ninja) builds DeepSpeed's ops, so two ninja versions do not
+# keep invalidating each other's build records and rebuilding the extensions on every launch.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 ACCELERATE_CONFIG ?= configs/accelerate/deepspeed_cpu_2proc.yaml
 RECIPE ?= configs/recipes/train_tiny_zero2.yaml
@@ -44,6 +47,23 @@ train: setup  ## train the tiny default (2 CPU procs, ZeRO-2) and print where th
 check: setup  ## lint every shipped config with dsrecipes check
 	$(BIN)/dsrecipes check --all
 
+# ---- Throughput recipes (issue 4): distillation and the throughput benchmark. Freezing runs through `make train`
+# with a freeze_* recipe, e.g. make train RECIPE=configs/recipes/freeze_tiny_progressive.yaml
+.PHONY: distill bench-throughput
+DISTILL_RECIPE ?= configs/recipes/distill_tiny_4to2.yaml
+distill: setup  ## distil the `make train` model (4 layers) into 2 layers, plus the same student from scratch
+	$(LAUNCH) recipes/distill.py --config $(DISTILL_RECIPE) $(ARGS)
+
+bench-throughput: setup  ## freezing, distillation, pipeline bubble, recipe vs HF Trainer -> docs/results/throughput.*
+	$(BIN)/python benchmarks/bench_throughput.py
+
+# Pipeline parallelism: accelerate only launches; the recipe drives DeepSpeed's pipeline engine (ZeRO 0/1 only).
+.PHONY: pipeline
+PIPELINE_RECIPE ?= configs/recipes/pipeline_tiny.yaml
+pipeline: setup  ## tiny GPT-2 in 2 pipeline stages (2 CPU procs, ZeRO-1), HF final/ out
+	$(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_cpu_threads_per_process 1 \
+		--deepspeed_config_file $(or $(DS),configs/deepspeed/zero1.json) recipes/train_pipeline.py --config $(PIPELINE_RECIPE) $(ARGS)
+
 # ---- SLURM (slurm/README.md). `make slurm-*` submits with sbatch and prints the job id and log path.
 .PHONY: setup-slurm test-slurm slurm-train slurm-distill slurm-pipeline slurm-serve
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -58,16 +78,28 @@ test-slurm: setup  ## only the SLURM tests (a real 2-node cluster on 127.0.0.1, 
 	$(BIN)/python -m pytest tests/test_slurm.py -q -m slurm
 
 slurm-train:  ## sbatch slurm/train.sbatch (2 nodes, the same launch line as `make train`)
-	@$(call SUBMIT,slurm/train.sbatch --config $(RECIPE) --accelerate-config $(ACCELERATE_CONFIG) $(ARGS))
+	@$(call SUBMIT,slurm/train.sbatch --config $(RECIPE) --accelerate-config $(ACCELERATE_CONFIG) $(if $(DS),--deepspeed-config $(DS)) $(ARGS))
 
-slurm-distill:  ## sbatch slurm/distill.sbatch (2 nodes; ARGS="--config ..." picks the recipe YAML)
-	@$(call SUBMIT,slurm/distill.sbatch $(ARGS))
+slurm-distill:  ## sbatch slurm/distill.sbatch (2 nodes, the same launch line as `make distill`)
+	@$(call SUBMIT,slurm/distill.sbatch --config $(DISTILL_RECIPE) --accelerate-config $(ACCELERATE_CONFIG) $(ARGS))
 
 slurm-pipeline:  ## sbatch slurm/pipeline.sbatch (2 pipeline stages, one per node)
 	@$(call SUBMIT,slurm/pipeline.sbatch $(ARGS))
 
-slurm-serve:  ## sbatch slurm/serve.sbatch (1 node; the log names the URL)
-	@$(call SUBMIT,slurm/serve.sbatch $(ARGS))
+slurm-serve:  ## sbatch slurm/serve.sbatch (1 node, MODEL=DIR; the log names the URL; stop with scancel)
+	@$(call SUBMIT,slurm/serve.sbatch $(if $(MODEL),--model_name_or_path $(MODEL)) $(ARGS))
+
+# ---- Serving (issue 5): OpenAI-compatible server in the foreground on 127.0.0.1; Ctrl-C / SIGTERM drains requests.
+# make serve MODEL=DIR PORT=8000 [SERVE_RECIPE=configs/recipes/serve_int8_cpu.yaml] [ARGS="--api_key K"]
+.PHONY: serve bench-serve
+MODEL ?= outputs/train_tiny_zero2/final
+PORT ?= 8000
+SERVE_RECIPE ?= configs/recipes/serve_cpu.yaml
+serve: setup  ## serve MODEL (default: the `make train` export) on http://127.0.0.1:PORT (default 8000)
+	$(BIN)/python recipes/serve.py --config $(SERVE_RECIPE) --model_name_or_path $(MODEL) --host 127.0.0.1 --port $(PORT) $(ARGS)
+
+bench-serve: setup  ## batching, int8, init_inference TP 1/2, 60 s load run -> docs/results/serving.*
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache

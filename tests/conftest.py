@@ -29,6 +29,7 @@ def child_env(**extra) -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")  # the venv's ninja builds DeepSpeed ops (one ninja only)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
