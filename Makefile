@@ -64,6 +64,12 @@ pipeline: setup  ## tiny GPT-2 in 2 pipeline stages (2 CPU procs, ZeRO-1), HF fi
 	$(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_cpu_threads_per_process 1 \
 		--deepspeed_config_file $(or $(DS),configs/deepspeed/zero1.json) recipes/train_pipeline.py --config $(PIPELINE_RECIPE) $(ARGS)
 
+# ---- Memory recipes (issue 3, book ch. 4): checkpointing, 8-bit optimizers, ZeRO, measured vs `dsrecipes plan`.
+# Recipes: make train RECIPE=configs/recipes/train_tiny_ckpt_full.yaml (ckpt_every_k, ckpt_deepspeed + DS=..., adamw8bit)
+.PHONY: bench-memory
+bench-memory: setup  ## checkpointing / 8-bit / ZeRO 0-3 memory and time vs the planner -> docs/results/memory.*
+	$(BIN)/python benchmarks/bench_memory.py
+
 # ---- SLURM (slurm/README.md). `make slurm-*` submits with sbatch and prints the job id and log path.
 .PHONY: setup-slurm test-slurm slurm-train slurm-distill slurm-pipeline slurm-serve
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

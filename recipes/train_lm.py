@@ -21,7 +21,7 @@ from dsrecipes.args import RECIPES, parse_args
 from dsrecipes.checkpointing import Checkpoints, StopFlag, export_final
 from dsrecipes.data import build_lm_datasets, load_tokenizer
 from dsrecipes.errors import exit_on_config_error
-from dsrecipes.freezing import apply_static_freezing
+from dsrecipes.freezing import Freezer
 from dsrecipes.metrics import RunLog, perplexity
 from dsrecipes.models import build_causal_lm, count_parameters
 from dsrecipes.optim import build_optimizer
@@ -45,12 +45,13 @@ def main(argv=None):
     with accelerator.main_process_first():
         train_ds, eval_ds, data_info = build_lm_datasets(args, tokenizer)
     model = build_causal_lm(args, tokenizer, accelerator=accelerator)
-    memory.apply_activation_checkpointing(model, args, accelerator)
-    frozen = apply_static_freezing(model, args)
+    ckpt_info = memory.apply_activation_checkpointing(model, args, accelerator)  # none|full|every_k|deepspeed
+    freezer = Freezer(model, args, accelerator)  # static + progressive freezing, prefix cache (freeze_* keys)
     optimizer = build_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     train_dl, eval_dl = make_dataloaders(train_ds, eval_ds, args)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    probe = memory.StepProbe(model, optimizer)  # memory: activation bytes of the first micro-batch, states at its step
     if args.report_to != "none":
         accelerator.init_trackers("train_lm", config={k: v for k, v in vars(args).items()
                                                       if isinstance(v, (int, float, str, bool))})
@@ -78,7 +79,7 @@ def main(argv=None):
         train_dl.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_dl, batch_in_epoch) if batch_in_epoch else train_dl
         for batch in batches:
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), probe.first_micro_batch():  # probe: no-op after the first micro-batch
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -100,7 +101,8 @@ def main(argv=None):
             first_loss = train_loss if first_loss is None else first_loss
             if step % args.logging_steps == 0 or step == args.max_steps:
                 elapsed = time.time() - t_loop
-                rec = {"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch,
+                # float(): torchao's low-bit AdamW keeps lr as a tensor, which json cannot write
+                rec = {"step": step, "loss": train_loss, "lr": float(scheduler.get_last_lr()[0]), "epoch": epoch,
                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "data_sum": data_sum}
                 log.write(rec)
                 data_sum = 0
@@ -110,13 +112,15 @@ def main(argv=None):
                 eval_loss = evaluate_lm(model, eval_dl, accelerator, args.max_eval_batches)
                 log.write({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
                 accelerator.log({"eval/loss": eval_loss, "eval/ppl": perplexity(eval_loss)}, step=step)
+            model, optimizer, scheduler = freezer.after_step(step, model, optimizer, scheduler)  # rebuilds if it froze
             preempted = stop.requested(accelerator)
             if batch_in_epoch == steps_per_epoch * args.gradient_accumulation_steps:
                 epoch, batch_in_epoch = epoch + 1, 0
             done = step >= args.max_steps
             if (args.save_steps and step % args.save_steps == 0) or done or preempted:
                 ckpt.save(step, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                 "first_loss": first_loss, "last_loss": train_loss, "eval_loss": eval_loss})
+                                 "first_loss": first_loss, "last_loss": train_loss, "eval_loss": eval_loss,
+                                 "freezer": freezer.state()})
             if done or preempted:
                 break
             if batch_in_epoch == 0:
@@ -135,10 +139,11 @@ def main(argv=None):
         "unigram_entropy": data_info["unigram_entropy"], "train_blocks": data_info["train_blocks"],
         "world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
         "mixed_precision": accelerator.mixed_precision, "optimizer": args.optimizer,
-        "params": count_parameters(accelerator.unwrap_model(model)), "frozen_params": frozen,
+        "params": count_parameters(accelerator.unwrap_model(model)), "frozen_params": freezer.frozen_params,
         "train_time_s": train_time, "wall_time_s": time.time() - t_start,
         "tokens_per_s": tokens_seen / max(train_time, 1e-9), "resumed_from": resume_path,
-        "final_dir": final_dir, "memory": memory.measure(model, optimizer, accelerator),
+        "final_dir": final_dir, "memory": memory.measure(model, optimizer, accelerator, probe),
+        "activation_checkpointing": ckpt_info, "freezing": freezer.report(),
     }
     log.summary(summary)
     accelerator.end_training()

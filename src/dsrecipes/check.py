@@ -211,19 +211,28 @@ def cross_check(recipe: dict, ds: dict | None, acc: dict | None, world_size: int
         errs.append(ConfigError(dpath, "train_batch_size", f"{total} != micro {micro} x accumulation {ga} x world size {world}"
                                 f" = {micro * ga * world}", 'write "auto" or the product'))
     stage = _get(ds, "zero_optimization.stage", 0)
-    frozen = bool(recipe.get("freeze_embeddings") or recipe.get("freeze_first_n_blocks") or recipe.get("freeze_patterns"))
+    progressive = recipe.get("freeze_schedule", "none") not in ("none", None)
+    frozen = bool(recipe.get("freeze_embeddings") or recipe.get("freeze_first_n_blocks") or recipe.get("freeze_patterns")
+                  or progressive)
     reentrant = recipe.get("gradient_checkpointing") in ("full", "every_k") and recipe.get("gradient_checkpointing_reentrant")
     if stage == 3 and frozen and reentrant:
         errs.append(ConfigError(rpath, "gradient_checkpointing_reentrant", "ZeRO-3 with frozen parameters and reentrant "
                                 "checkpointing loses gradients (transformers #21381)", "set gradient_checkpointing_reentrant: false"))
+    if progressive and (stage == 3 or _get(ds, "zero_optimization.offload_optimizer.device", "none") not in ("none", None)):
+        errs.append(ConfigError(rpath, "freeze_schedule", "progressive freezing rebuilds the engine at each freeze point, "
+                                "supported for ZeRO 0-2 without offload (dsrecipes.rebuild)", "use ZeRO 0, 1 or 2, "
+                                "or static freezing (freeze_embeddings, freeze_first_n_blocks) with ZeRO-3"))
     offload = _get(ds, "zero_optimization.offload_optimizer.device", "none") not in ("none", None)
     optimizer = recipe.get("optimizer", "adamw")
     if offload and optimizer != "adamw":
         errs.append(ConfigError(rpath, "optimizer", f"{optimizer} cannot be offloaded by ZeRO-Offload (only DeepSpeed's "
                                 "CPU Adam runs there)", "use optimizer: adamw with offload, or a config without offload_optimizer"))
-    if stage == 3 and optimizer in ("adamw_8bit", "paged_adamw_8bit", "torchao_adamw_8bit", "torchao_adamw_4bit"):
-        errs.append(ConfigError(rpath, "optimizer", f"{optimizer} is not supported with ZeRO-3 (its flat partitions break "
-                                "the 8-bit block layout)", "use ZeRO 0, 1 or 2 with 8-bit optimizers"))
+    # bitsandbytes 8-bit quantizes DeepSpeed's flat fp32 partitions fine (ZeRO 0-3, tests/test_memory.py); torchao
+    # quantizes only tensors that are a multiple of its block, which ZeRO's flat partitions are not: it would keep fp32.
+    if stage in (1, 2, 3) and optimizer in ("torchao_adamw_8bit", "torchao_adamw_4bit"):
+        errs.append(ConfigError(rpath, "optimizer", f"{optimizer} keeps fp32 state under ZeRO-{stage} (torchao quantizes "
+                                "only tensors that are a multiple of its block; ZeRO hands it flat partitions)",
+                                "use adamw_8bit (bitsandbytes) with ZeRO 1-3, or torchao with plain DDP or ZeRO-0"))
     if on_cpu and _get(ds, "activation_checkpointing.cpu_checkpointing") is True:
         errs.append(ConfigError(dpath, "activation_checkpointing.cpu_checkpointing", "breaks on the CPU accelerator "
                                 "(tensors are already on the CPU; backward fails)", "set it to false on CPU runs"))

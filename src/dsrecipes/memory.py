@@ -1,50 +1,392 @@
-"""Memory: switch activation checkpointing on from the config, and measure what each rank holds.
+"""Memory: activation checkpointing switched on from the recipe config, and what each rank really holds.
 
-    apply_activation_checkpointing(model, args, accelerator)   # none | full | every_k | deepspeed
-    report = measure(model, optimizer, accelerator)            # bytes of params/grads/optimizer state, peak RSS
+    info = apply_activation_checkpointing(model, args, accelerator)  # gradient_checkpointing: none|full|every_k|deepspeed
+    with SavedActivations(model) as acts:                             # bytes saved for backward by one forward
+        loss = model(**batch).loss
+    states = model_state_bytes(model, optimizer)                      # params/grads/optimizer states per rank
+    report = measure(model, optimizer, accelerator)                   # the above + peak RSS (+ CUDA peak)
+
+Modes: `full` is Hugging Face checkpointing (reentrant or not); `every_k` keeps only the input of every k-th block
+and recomputes each k-block segment in backward (Chen et al. 2016; k = round(sqrt(n_layer)) by default); `deepspeed`
+runs every block through `deepspeed.checkpointing.checkpoint`, configured from the DeepSpeed JSON's
+`activation_checkpointing` section (as gpt-neox does). Used by recipes/train_lm.py and benchmarks/bench_memory.py.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import resource
 
 import torch
 
 from dsrecipes.errors import ConfigError
+from dsrecipes.models import transformer_blocks
+
+DS_KNOBS = {  # activation_checkpointing key -> module-level name in deepspeed.checkpointing after configure()
+    "partition_activations": "PARTITION_ACTIVATIONS", "contiguous_memory_optimization": "CONTIGUOUS_CHECKPOINTING",
+    "cpu_checkpointing": "CPU_CHECKPOINT", "number_checkpoints": "num_layers",
+    "synchronize_checkpoint_boundary": "SYNCHRONIZE", "profile": "PROFILE_TIME",
+}
+_RECORDERS: list = []  # active SavedActivations (DeepSpeed's checkpoint keeps its inputs outside autograd's hooks)
 
 
-def apply_activation_checkpointing(model, args, accelerator=None) -> None:
+# ============================================================================ activation checkpointing
+def default_every_k(n_layer: int) -> int:
+    """Chen et al.'s sqrt(n) segment length: n/k kept segment inputs + k recomputed blocks is smallest at k = sqrt(n)."""
+    return max(1, round(math.sqrt(n_layer)))
+
+
+def apply_activation_checkpointing(model, args, accelerator=None, ds_config: dict | None = None) -> dict:
+    """Switch on args.gradient_checkpointing; returns what was done (logged to summary.json)."""
     mode = args.gradient_checkpointing
+    info = {"mode": mode}
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if mode != "deepspeed" and (ds_config or getattr(plugin, "deepspeed_config", None) or {}).get("activation_checkpointing"):
+        raise ConfigError("<deepspeed>", "activation_checkpointing", f"has no effect with gradient_checkpointing: {mode}",
+                          "set gradient_checkpointing: deepspeed in the recipe, or use a DeepSpeed JSON without it")
     if mode == "none":
-        return
+        return info
+    reentrant = bool(args.gradient_checkpointing_reentrant)
+    model.config.use_cache = False
     if mode == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": args.gradient_checkpointing_reentrant})
-        model.config.use_cache = False
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        return {**info, "reentrant": reentrant, "checkpointed_blocks": len(transformer_blocks(model))}
+    blocks = transformer_blocks(model)
+    if mode == "every_k":
+        k = args.checkpoint_every_k or default_every_k(len(blocks))
+        if k < 1 or k > len(blocks):
+            raise ConfigError("<args>", "checkpoint_every_k", f"{k} is not between 1 and the {len(blocks)} blocks",
+                              f"use 1..{len(blocks)}, or 0 for round(sqrt(n_layer)) = {default_every_k(len(blocks))}")
+        _segment_blocks(blocks, k, reentrant)
+        model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+        return {**info, "reentrant": reentrant, "every_k": k, "segments": math.ceil(len(blocks) / k)}
+    if mode == "deepspeed":
+        section = configure_deepspeed_checkpointing(args, accelerator, ds_config, n_blocks=len(blocks))
+        for block in blocks:  # HF's GradientCheckpointingLayer calls this function around the block's forward
+            block.gradient_checkpointing = True
+            block._gradient_checkpointing_func = _deepspeed_checkpoint
+        model.enable_input_require_grads()  # DeepSpeed's checkpoint is reentrant
+        return {**info, "deepspeed": section, "checkpointed_blocks": len(blocks)}
+    raise ConfigError("<args>", "gradient_checkpointing", f"unknown mode {mode!r}", "use none, full, every_k or deepspeed")
+
+
+def _segment_blocks(blocks, k: int, reentrant: bool) -> None:
+    """Block i*k runs blocks i*k .. i*k+k-1 inside one torch checkpoint; the others pass their input through when
+    the model's loop calls them (their real forward runs inside the segment, through __call__, so hooks still fire)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for start in range(0, len(blocks), k):
+        members = list(blocks[start:start + k])
+        for block in members:
+            block._dsr_run = False
+            block.forward = _segment_forward(block, block.forward, members if block is members[0] else None,
+                                             checkpoint, reentrant)
+
+
+def _segment_forward(block, real_forward, members, checkpoint, reentrant):
+    def forward(hidden_states, *args, **kwargs):
+        if block._dsr_run:
+            return real_forward(hidden_states, *args, **kwargs)
+        if members is None:
+            return hidden_states  # already computed by this segment's first block
+
+        def run(h):
+            for m in members:
+                m._dsr_run = True
+                try:
+                    h = m(h, *args, **kwargs)
+                finally:
+                    m._dsr_run = False
+            return h
+
+        if block.training and torch.is_grad_enabled():
+            return checkpoint(run, hidden_states, use_reentrant=reentrant)
+        return run(hidden_states)
+
+    return forward
+
+
+def _deepspeed_checkpoint(function, hidden_states, *rest):
+    """deepspeed.checkpointing.checkpoint on the hidden states only: DeepSpeed frees the storage of the floating-point
+    inputs it partitions or moves, and a shared attention mask passed along must survive for the next block."""
+    import deepspeed
+
+    for rec in _RECORDERS:  # DeepSpeed keeps the input on ctx, outside autograd's saved-tensor hooks
+        rec.add(hidden_states)
+    return deepspeed.checkpointing.checkpoint(lambda h: function(h, *rest), hidden_states)
+
+
+def deepspeed_section(accelerator=None, ds_config: dict | None = None) -> dict:
+    """The `activation_checkpointing` section of the DeepSpeed config this run uses ({} if absent)."""
+    if ds_config is None:
+        plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+        if plugin is None:
+            raise ConfigError("<args>", "gradient_checkpointing", "deepspeed mode reads the DeepSpeed JSON's "
+                              "activation_checkpointing section, but this run has no DeepSpeed config",
+                              "launch with a DeepSpeed accelerate YAML (configs/accelerate/deepspeed_cpu_2proc.yaml), "
+                              "or use gradient_checkpointing: full")
+        ds_config = plugin.deepspeed_config
+    return dict(ds_config.get("activation_checkpointing") or {})
+
+
+def configure_deepspeed_checkpointing(args, accelerator=None, ds_config=None, n_blocks: int | None = None) -> dict:
+    """deepspeed.checkpointing.configure(mpu_=None, deepspeed_config=...) with the JSON's section; returns what
+    DeepSpeed's module now holds (read back, so a knob that does not arrive shows up)."""
+    import deepspeed
+
+    section = deepspeed_section(accelerator, ds_config)
+    on_cpu = (accelerator.device.type if accelerator is not None else
+              ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    if on_cpu and section.get("cpu_checkpointing"):
+        raise ConfigError("<deepspeed>", "activation_checkpointing.cpu_checkpointing", "breaks on the CPU accelerator "
+                          "(tensors are already on the CPU; backward fails)", "set it to false on CPU runs")
+    if section.get("contiguous_memory_optimization"):
+        if not section.get("partition_activations"):
+            raise ConfigError("<deepspeed>", "activation_checkpointing.contiguous_memory_optimization", "needs "
+                              "partition_activations: true", "set partition_activations: true or drop this knob")
+        if n_blocks and (section.get("number_checkpoints") or 0) < n_blocks:
+            raise ConfigError("<deepspeed>", "activation_checkpointing.number_checkpoints", f"must be at least the "
+                              f"{n_blocks} checkpointed blocks to size the contiguous buffers", f"set it to {n_blocks}")
+    # A config of its own: accelerate fills the JSON's "auto" values only later, at prepare().
+    cfg = {"train_micro_batch_size_per_gpu": int(args.per_device_train_batch_size),
+           "gradient_accumulation_steps": int(args.gradient_accumulation_steps), "activation_checkpointing": section}
+    deepspeed.checkpointing.configure(mpu_=None, deepspeed_config=cfg)
+    return deepspeed_checkpointing_state()
+
+
+def deepspeed_checkpointing_state() -> dict:
+    import deepspeed
+
+    return {key: getattr(deepspeed.checkpointing, name) for key, name in DS_KNOBS.items()}
+
+
+# ============================================================================ activations saved for backward
+class SavedActivations:
+    """Bytes autograd keeps for backward during one forward (saved-tensor hooks), counted once per storage.
+    Parameters are not activations and are skipped; counting stops at the first unpack (backward has begun, so a
+    recompute inside backward is not counted as forward memory)."""
+
+    def __init__(self, model=None):
+        self.param_storages = set()
+        for p in (model.parameters() if model is not None else ()):
+            for t in (p, getattr(p, "ds_tensor", None)):
+                if isinstance(t, torch.Tensor) and t.numel():
+                    self.param_storages.add(t.untyped_storage().data_ptr())
+        self.storages: dict[int, int] = {}
+        self.open = True
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+    def add(self, t) -> None:
+        if not self.open or not isinstance(t, torch.Tensor) or t.numel() == 0:
+            return
+        if t.is_leaf and t.requires_grad:  # a parameter (under ZeRO-3 a gathered one)
+            return
+        st = t.untyped_storage()
+        if st.data_ptr() not in self.param_storages:
+            self.storages.setdefault(st.data_ptr(), st.nbytes())
+
+    def _pack(self, t):
+        self.add(t)
+        return t
+
+    def _unpack(self, t):
+        self.open = False
+        return t
+
+    def __enter__(self):
+        _RECORDERS.append(self)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        _RECORDERS.remove(self)
+        return False
+
+
+# ============================================================================ model states per rank
+def _storages(t) -> list:
+    """(data_ptr, nbytes) of the storages behind a tensor; quantized tensor subclasses (torchao's 8/4-bit optimizer
+    states) are flattened to their inner tensors, whose storages are the real memory."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not isinstance(t, torch.Tensor) or t.numel() == 0:
+        return []
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return [s for n in names for s in _storages(getattr(t, n))]
+    st = t.untyped_storage()
+    return [(st.data_ptr(), st.nbytes())] if st.data_ptr() else []
+
+
+def _unwrap_optimizer(optimizer):
+    """accelerate's AcceleratedOptimizer / DeepSpeedOptimizerWrapper -> the engine's optimizer (ZeRO) or torch's."""
+    opt = optimizer
+    while opt is not None and type(opt).__module__.startswith("accelerate") and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def _walk(obj, path: str, out: list, depth: int, seen: set) -> None:
+    """Every tensor an optimizer object holds, with its attribute path (containers and DeepSpeed objects only)."""
+    if isinstance(obj, torch.Tensor):
+        out.append((path, obj))
+        if obj.grad is not None:
+            out.append((path + ".grad", obj.grad))
         return
-    raise ConfigError("<args>", "gradient_checkpointing", f"mode {mode!r} is not available in this build",
-                      "use none or full")
+    if depth == 0 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    elif type(obj).__module__.startswith("deepspeed.runtime") and hasattr(obj, "__dict__"):
+        items = ((k, v) for k, v in vars(obj).items() if k not in ("optimizer", "module", "timers", "param_names"))
+    else:
+        return
+    for key, value in items:
+        _walk(value, f"{path}.{key}", out, depth - 1, seen)
 
 
-def _tensor_bytes(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+def model_state_bytes(model, optimizer=None) -> dict:
+    """Bytes this rank holds now, read from the real tensors, each storage counted once:
+    parameters (under ZeRO-3 the local `ds_tensor` partition plus any gathered/persistent ones), gradients (`.grad`,
+    DeepSpeed's averaged/partitioned gradient buffers), optimizer states (the torch optimizer's state plus DeepSpeed's
+    fp32 master partition: `single_partition_of_fp32_groups` under ZeRO-1/2, `fp32_partitioned_groups_flat` under
+    ZeRO-3, which shares the parameter partition in fp32 training), and buffers (communication buckets, other)."""
+    seen: dict[int, str] = {}
+    out = {"parameters": 0, "gradients": 0, "optimizer_states": 0, "master_weights": 0, "buffers": 0}
+
+    def count(t, kind):
+        for ptr, nbytes in _storages(t):
+            if ptr not in seen:
+                seen[ptr] = kind
+                out[kind] += nbytes
+                if kind == "optimizer_states" and kind_master[0]:
+                    out["master_weights"] += nbytes
+
+    kind_master = [False]
+    params = list(model.parameters()) if model is not None else []
+    for p in params:
+        count(p, "parameters")
+        count(getattr(p, "ds_tensor", None), "parameters")
+    for p in params:
+        count(p.grad, "gradients")
+    opt = _unwrap_optimizer(optimizer)
+    inner = getattr(opt, "optimizer", None) if not isinstance(opt, torch.optim.Optimizer) else opt
+    if isinstance(inner, torch.optim.Optimizer):
+        for group in inner.param_groups:  # DeepSpeed's master partitions are the inner optimizer's params
+            for p in group["params"]:
+                kind_master[0] = True
+                count(p, "optimizer_states")
+                kind_master[0] = False
+                count(p.grad, "gradients")
+        for st in inner.state.values():
+            for v in st.values():
+                count(v, "optimizer_states")
+    if opt is not None and not isinstance(opt, torch.optim.Optimizer):  # a DeepSpeed ZeRO / bf16 optimizer
+        found: list = []
+        _walk(opt, "", found, depth=5, seen=set())
+        for path, t in found:
+            low = path.lower()
+            if "grad" in low:
+                count(t, "gradients")
+            elif any(w in low for w in ("fp32", "master", "single_partition")):
+                kind_master[0] = True
+                count(t, "optimizer_states")
+                kind_master[0] = False
+            else:
+                count(t, "buffers")
+    out["model_states"] = out["parameters"] + out["gradients"] + out["optimizer_states"]
+    return out
 
 
+# ============================================================================ one training step, measured
+class StepProbe:
+    """Wraps the first micro-batch of a recipe: activation bytes (saved-tensor hooks), and the model states at the
+    moment the optimizer steps (gradients alive) of the second step. Under DeepSpeed, accelerate runs the engine's
+    step inside backward(), so the snapshot wraps the engine optimizer's step() for those calls."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer, self.result, self._done = model, optimizer, {}, False
+
+    @contextlib.contextmanager
+    def first_micro_batch(self):
+        if self._done:
+            yield self
+            return
+        self._done = True
+        self._hook_step()
+        acts = SavedActivations(self.model)
+        try:
+            with acts:
+                yield self
+        finally:
+            self.result["activation_bytes_per_micro_batch"] = acts.bytes
+
+    def _hook_step(self, calls: int = 2) -> None:
+        """Snapshots for the first `calls` optimizer steps; the largest of the last one is kept (the first step has
+        no Adam state yet). DeepSpeed ZeRO-1 holds the full gradients until reduce_gradients(), so that call is a
+        snapshot point too."""
+        opt = _unwrap_optimizer(self.optimizer)
+        cycles: dict[int, dict] = {}
+        done = [0]  # optimizer steps taken so far
+
+        def snapshot():
+            snap = model_state_bytes(self.model, self.optimizer)
+            if done[0] not in cycles or snap["model_states"] > cycles[done[0]]["model_states"]:
+                cycles[done[0]] = snap
+            self.result["at_step"] = cycles[max(cycles)]
+
+        if isinstance(opt, torch.optim.Optimizer):
+            def pre_hook(*_):
+                snapshot()
+                done[0] += 1
+                if done[0] == calls:
+                    handle.remove()
+
+            handle = opt.register_step_pre_hook(pre_hook)
+            return
+        # a DeepSpeed optimizer (not a torch.optim.Optimizer): wrap its methods on the instance for those steps
+        names = [n for n in ("reduce_gradients", "step") if callable(getattr(opt, n, None))]
+        originals = {n: (getattr(opt, n), n in vars(opt)) for n in names}
+
+        def wrapped(name):
+            def call(*args, **kwargs):
+                snapshot()
+                if name == "step":
+                    done[0] += 1
+                    if done[0] == calls:
+                        for n, (orig, own) in originals.items():  # back to the original methods
+                            if own:
+                                setattr(opt, n, orig)
+                            else:
+                                delattr(opt, n)
+                return originals[name][0](*args, **kwargs)
+
+            return call
+
+        for n in names:
+            setattr(opt, n, wrapped(n))
+
+
+# ============================================================================ process-level figures
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure(model, optimizer, accelerator) -> dict:
-    """Per-rank bytes held now, read from the real tensors (ZeRO partitions included), plus peak RSS."""
-    params = sum(_tensor_bytes(getattr(p, "ds_tensor", p)) for p in model.parameters())
-    state = 0
-    opt = getattr(optimizer, "optimizer", optimizer)
-    for _ in range(3):  # unwrap accelerate -> DeepSpeed ZeRO -> torch optimizer
-        inner = getattr(opt, "optimizer", None)
-        if inner is None or inner is opt:
-            break
-        opt = inner
-    for st in getattr(opt, "state", {}).values():
-        state += sum(_tensor_bytes(v) for v in st.values())
-    out = {"param_bytes": params, "optimizer_state_bytes": state, "peak_rss_mb": peak_rss_mb()}
+def measure(model, optimizer, accelerator=None, probe: StepProbe | None = None) -> dict:
+    """Per-rank bytes held now (and at the first optimizer step if a probe ran), peak RSS, CUDA peak."""
+    now = model_state_bytes(model, optimizer)
+    out = {"param_bytes": now["parameters"], "optimizer_state_bytes": now["optimizer_states"], "now": now,
+           "peak_rss_mb": peak_rss_mb()}
+    if probe is not None:
+        out.update(probe.result)
     if torch.cuda.is_available():
         out["max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
