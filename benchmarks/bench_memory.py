@@ -10,7 +10,8 @@ What runs:
    (non-reentrant and reentrant), every_k for k = 2, 3 (= round(sqrt 12)), 4, 6, and DeepSpeed's checkpoint
    (default section, and partition_activations + contiguous buffers). Per row: bytes saved for backward during the
    forward (saved-tensor hooks), the step's peak tensor bytes (torch's MemTracker, the CPU stand-in for
-   max_memory_allocated) and the median step time, modes interleaved so load changes hit all alike.
+   max_memory_allocated) and the median step time (CPU time of this 1-thread process, modes interleaved, so
+   other processes on the machine do not count).
 2. optimizers (in this process, GPT-2 4x256 on the generated corpus, same batches): torch AdamW, bitsandbytes
    AdamW8bit, torchao AdamW8bit and AdamW4bit for the same steps; optimizer-state bytes read from the optimizer,
    optimizer-step time, final eval loss.
@@ -42,7 +43,7 @@ MiB = 2**20
 S = (lambda full, quick: quick if QUICK else full)
 LAYERS, HIDDEN, HEADS, MICRO, SEQ = S(12, 4), 256, 4, 2, S(256, 64)  # checkpointing rows
 ZMICRO, ZSEQ = 4, S(128, 64)  # ZeRO rows (GPT-2 4x256)
-REPS, OPT_STEPS, ZERO_STEPS = S(3, 2), S(25, 4), S(4, 3)
+REPS, OPT_STEPS, ZERO_STEPS = S(5, 2), S(25, 4), S(4, 3)
 
 
 def model_config(path: str, layers: int) -> str:
@@ -125,11 +126,11 @@ def checkpointing_rows(path: str, spec) -> list[dict]:
             "planner_activations_mib": plan["activations"] / MiB, "planner_total_mib": plan["total"] / MiB,
             "deepspeed_state": info.get("deepspeed")}})
         print(f"  {name}: saved {acts.bytes / MiB:.1f} MiB, peak {cat['Total'] / MiB:.1f} MiB", flush=True)
-    for _ in range(REPS):  # interleaved timing
+    for _ in range(REPS):  # interleaved; CPU time of this one-thread process, so busy neighbours do not count
         for r in runs:
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             step(r["model"], r["opt"], ids)
-            r["times"].append(time.perf_counter() - t0)
+            r["times"].append(time.process_time() - t0)
     base = statistics.median(runs[0]["times"])
     rows = []
     for r in runs:
@@ -171,9 +172,9 @@ def optimizer_rows(path: str, spec) -> list[dict]:
         step_times = []
         for ids in batches:
             model(input_ids=ids, labels=ids).loss.backward()
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             opt.step()
-            step_times.append(time.perf_counter() - t0)
+            step_times.append(time.process_time() - t0)
             opt.zero_grad(set_to_none=True)
         model.eval()
         with torch.no_grad():
@@ -255,7 +256,7 @@ def zero_rows(path: str, spec) -> list[dict]:
                "params_mib": at["parameters"] / MiB, "grads_mib": at["gradients"] / MiB,
                "optimizer_states_mib": at["optimizer_states"] / MiB, "model_states_mib": states / MiB,
                "buffers_mib": at["buffers"] / MiB, "act_saved_fwd_mib": m["activation_bytes_per_micro_batch"] / MiB,
-               "measured_total_mib": measured_total / MiB, "peak_rss_mb": m["peak_rss_mb"], "step_s": step_s,
+               "measured_total_mib": measured_total / MiB, "peak_rss_mb": m["peak_rss_mb"], "wall_step_s": step_s,
                "final_loss": summ["final_loss"]}
         if opt == "adamw":
             row["formula_model_states_mib"] = zero_formula(psi, stage, 2) / MiB
@@ -272,7 +273,7 @@ def zero_rows(path: str, spec) -> list[dict]:
 # ============================================================================ targets, plot, write
 def main() -> int:
     os.makedirs(WORK, exist_ok=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one rank's share of the 2 cores; timings are this process's CPU time
     t_start = time.time()
     big = model_config(os.path.join(WORK, f"gpt2_{LAYERS}x{HIDDEN}.json"), LAYERS)
     small = model_config(os.path.join(WORK, f"gpt2_4x{HIDDEN}.json"), 4)
@@ -312,7 +313,8 @@ def main() -> int:
                           round(worst["planner_vs_measured"], 4), "within 10%", abs(worst["planner_vs_measured"]) <= 0.10))
     missed = [t for t in targets if not t["met"]]
     notes = (f"One run, {time.time() - t_start:.0f} s. Activation rows: GPT-2 {LAYERS}x{HIDDEN} (dropout 0.1), micro-batch "
-             f"{MICRO}x{SEQ}, fp32, one process with 2 threads; 'act_saved_fwd' = bytes autograd keeps for backward "
+             f"{MICRO}x{SEQ}, fp32, one process with 1 thread; step_s and opt_step_ms are this process's CPU time "
+             "(median of interleaved steps; wall time on a shared machine is noise); 'act_saved_fwd' = bytes autograd keeps for backward "
              "during the forward (saved-tensor hooks, once per storage, parameters excluded; DeepSpeed's checkpoint "
              "keeps its input outside autograd and is counted by dsrecipes.memory); 'measured_total' = peak tensor bytes "
              "of a whole training step (params, grads, Adam state, activations, temporaries; torch MemTracker); "
@@ -326,14 +328,16 @@ def main() -> int:
              "thread, states read at the second optimizer step (the larger of: before the gradient reduction, before "
              "the step); measured_total = model states + ZeRO buffers + activations saved for backward; formula = "
              "ZeRO paper with 4-byte params/grads and K = 12 (DeepSpeed clones an fp32 master partition, also in fp32 "
-             "training) or 8 (ZeRO-0). The planner refuses 8-bit optimizers under ZeRO-3, so that row has no prediction. "
+             "training) or 8 (ZeRO-0); their wall_step_s is wall time on a shared machine, indicative only. The "
+             "planner refuses 8-bit optimizers under ZeRO-3, so that row has no prediction. "
              + (f"Missed: {', '.join(t['name'] + ' = ' + str(t['value']) for t in missed)}." if missed else
                 "All targets met."))
     columns = ["section", "technique", "act_saved_fwd_mib", "act_peak_mib", "act_saved_reduction_x",
                "act_peak_reduction_x", "step_s", "time_x", "optimizer_state_mib", "state_x", "state_dtypes",
                "opt_step_ms", "step_time_x", "final_eval_loss", "loss_rel", "params_mib", "grads_mib",
                "optimizer_states_mib", "model_states_mib", "formula_model_states_mib", "formula_dev",
-               "measured_total_mib", "planner_total_mib", "planner_optimizer_states_mib", "planner_vs_measured"]
+               "measured_total_mib", "planner_total_mib", "planner_optimizer_states_mib", "planner_vs_measured",
+               "wall_step_s", "peak_rss_mb"]
     write_results("memory", rows, targets, plot=plot(ck, op, zr), columns=columns, notes=notes,
                   command="make bench-memory")
     for t in targets:
@@ -348,27 +352,28 @@ def plot(ck, op, zr):
 
         fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
         ax = axes[0]
-        for r in ck:
+        for i, r in enumerate(ck):
             color = "C1" if r["mode"] == "every_k" else "C2" if r["mode"] == "deepspeed" else "C0"
             ax.scatter(r["step_s"], r["measured_total_mib"], color=color)
-            ax.annotate(r["technique"], (r["step_s"], r["measured_total_mib"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            lift = 0 if r["mode"] in ("none", "every_k") else 12 * (i % 4)  # full/deepspeed points coincide
+            ax.annotate(r["technique"], (r["step_s"], r["measured_total_mib"]), fontsize=7, xytext=(3, 3 + lift),
+                        textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.4} if lift else None)
         ev = sorted((r for r in ck if r["mode"] == "every_k"), key=lambda r: r["every_k"])
         ax.plot([r["step_s"] for r in ev], [r["measured_total_mib"] for r in ev], color="C1", lw=0.8)
-        ax.set(xlabel="step time (s)", ylabel="peak tensor memory of a step (MiB)",
+        ax.set(xlabel="step CPU time (s, 1 thread)", ylabel="peak tensor memory of a step (MiB)",
                title=f"checkpointing, GPT-2 {LAYERS}x{HIDDEN}, {MICRO}x{SEQ} tokens")
         ax = axes[1]
         for r in op:
             ax.scatter(r["opt_step_ms"], r["optimizer_state_mib"])
             ax.annotate(r["technique"], (r["opt_step_ms"], r["optimizer_state_mib"]), fontsize=8, xytext=(3, 3),
                         textcoords="offset points")
-        ax.set(xlabel="optimizer step time (ms, CPU)", ylabel="optimizer state (MiB)", title=f"optimizers, GPT-2 4x{HIDDEN}")
+        ax.set(xlabel="optimizer step CPU time (ms, 1 thread)", ylabel="optimizer state (MiB)", title=f"optimizers, GPT-2 4x{HIDDEN}")
         ax = axes[2]
         for r in zr:
-            ax.scatter(r["step_s"], r["model_states_mib"])
-            ax.annotate(r["technique"], (r["step_s"], r["model_states_mib"]), fontsize=8, xytext=(3, 3),
+            ax.scatter(r["wall_step_s"], r["model_states_mib"])
+            ax.annotate(r["technique"], (r["wall_step_s"], r["model_states_mib"]), fontsize=8, xytext=(3, 3),
                         textcoords="offset points")
-        ax.set(xlabel="step time (s, 2 ranks)", ylabel="model states per rank (MiB)", title="ZeRO stages, 2 ranks")
+        ax.set(xlabel="wall step time (s, 2 ranks, shared machine)", ylabel="model states per rank (MiB)", title="ZeRO stages, 2 ranks")
         for ax in axes:
             ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -5,7 +5,8 @@ Run (bench_throughput.py does this):
     accelerate launch --config_file configs/accelerate/deepspeed_cpu_2proc.yaml \
         benchmarks/trainer_baseline.py --config configs/recipes/train_tiny_zero2.yaml --deepspeed_json \
         configs/deepspeed/zero2.json --output_dir /tmp/trainer [--key value ...]   (train_lm keys)
-Produces: output_dir/summary.json with steps, tokens and tokens_per_s (first step to last step, like the recipe).
+Produces: output_dir/summary.json with steps, tokens, tokens_per_s (first to last step, like the recipe) and
+steady_tokens_per_s (step 10 to the last step).
 """
 import json
 import os
@@ -21,11 +22,15 @@ from dsrecipes.training import fix_cpu_deepspeed_world_size
 
 
 class Clock(TrainerCallback):
+    """Times the optimizer steps: from train begin, and from the end of step 10 (warm-up excluded)."""
+
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = time.time()
 
     def on_step_end(self, args, state, control, **kw):
         self.t_last = time.time()
+        if state.global_step == 10:
+            self.t10 = self.t_last
 
 
 def main(argv):
@@ -49,12 +54,15 @@ def main(argv):
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, callbacks=[clock])
     result = trainer.train()
     world = trainer.accelerator.num_processes
-    tokens = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * world * args.block_size
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world * args.block_size
+    tokens = args.max_steps * per_step
     if trainer.is_world_process_zero():
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
             json.dump({"steps": args.max_steps, "world_size": world, "tokens": tokens,
-                       "tokens_per_s": tokens / (clock.t_last - clock.t0), "final_loss": result.training_loss}, fh)
+                       "tokens_per_s": tokens / (clock.t_last - clock.t0),
+                       "steady_tokens_per_s": (args.max_steps - 10) * per_step / (clock.t_last - clock.t10),
+                       "final_loss": result.training_loss}, fh)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def build_app(args, batcher: Batcher, lm_name, tok, max_context, enc_name, enc_t
             return StreamingResponse(_sse(batcher, ids, params, head, n_prompt, usage, metrics),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, seqs = [""] * len(ids), [None] * len(ids)
-        async for index, delta, finish, seq in batcher.generate(ids, params):
+        async for index, delta, finish, seq in batcher.generate(ids, params, stream=False):
             texts[index] += delta
             seqs[index] = seq if finish else seqs[index]
         if any(s.finish_reason == "error" for s in seqs):

@@ -49,7 +49,13 @@ def header_launch(path: str) -> dict:
     """The accelerate/DeepSpeed files named by a recipe YAML's `# Run:` header (the command users copy)."""
     import re
 
-    header = "".join(line for line in open(path) if line.startswith("#"))
+    header, in_run = "", False
+    for line in open(path):  # the `# Run:` line and its backslash continuations, not the prose around it
+        in_run = in_run or line.startswith("# Run")
+        if in_run:
+            header += line
+            if not line.rstrip().endswith("\\"):
+                break
     found = {}
     for flag, key in (("--config_file", "accelerate"), ("--deepspeed_config_file", "deepspeed")):
         m = re.search(rf"{flag}[ =](\S+)", header)

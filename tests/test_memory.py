@@ -24,26 +24,43 @@ KNOBS = ("partition_activations", "contiguous_memory_optimization", "cpu_checkpo
 
 
 @pytest.fixture(scope="module")
-def ds_comm():
-    """DeepSpeed's communication in this process (a world of one): deepspeed.checkpointing and deepspeed.initialize
-    need it."""
+def ds_world():
+    """DeepSpeed's communication in this process (a world of one), once per module. The rendezvous variables are
+    put back as soon as it is up (a child process launched with them would try this process's MASTER_PORT); the
+    tests that use DeepSpeed get them through ds_comm."""
     import deepspeed
     import torch.distributed as dist
 
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    yield
+    try:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield env
     dist.destroy_process_group()
     import deepspeed.comm.comm as ds_comm_mod
 
     ds_comm_mod.cdb = None
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+
+
+@pytest.fixture
+def ds_comm(ds_world, monkeypatch):
+    """deepspeed.checkpointing and deepspeed.initialize need ds_world and its variables (for this test only).
+    ZeRO-3's engine replaces torch.nn.functional.linear process-wide ("persists unless manually reset"; torchao's
+    int8 tensors then fail on aten.t in later tests): put it back after each test."""
+    import torch.nn.functional as F
+
+    for k, v in ds_world.items():
+        monkeypatch.setenv(k, v)
+    linear = F.linear
+    yield
+    F.linear = linear
 
 
 def tiny_model(layers=4, seed=0):

@@ -194,6 +194,7 @@ def test_two_stage_run_writes_metrics_summary_checkpoints_and_final(smoke_run, h
     assert s["status"] == "completed" and s["num_stages"] == 2 and s["zero_stage"] == 1 and s["micro_batches"] == 4
     assert s["tied_max_abs_diff"] == 0.0 and s["partition"] == [0, 4, 8] and s["tokens_per_s"] > 0
     assert s["bubble"]["measured_steps"] == 5 and len(s["bubble"]["stage_idle_fraction"]) == 2
+    assert len(s["bubble"]["bubble_per_step"]) == 5 and 0 < s["bubble"]["bubble_measured_median"] < 1
     ckpts = os.path.join(smoke_run, "checkpoints")
     assert open(os.path.join(ckpts, "latest")).read().strip() == "step_00000006"
     assert os.path.isfile(os.path.join(ckpts, "step_00000003", "engine", "layer_02-model_states.pt"))

@@ -69,7 +69,7 @@ def test_completion_list_prompt_and_stop(server):
     assert out["choices"][0]["text"] == full[:len(out["choices"][0]["text"])]
     stop = full[10:12]
     cut = server.complete("ba", max_tokens=30, stop=[stop])["choices"][0]
-    assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.find(stop)]
+    assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.find(stop)], (full, stop, cut)
 
 
 def test_completion_stream(server):

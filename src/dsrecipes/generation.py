@@ -142,10 +142,12 @@ class GenParams:
 
 
 class Sequence:
-    """One prompt being generated. `emit(seq, delta_text)` is called from the engine's thread."""
+    """One prompt being generated. `emit(seq, delta_text)` is called from the engine's thread: after every new
+    piece of text when `incremental` (streaming), else once, when the sequence finishes."""
 
-    def __init__(self, prompt_ids: list[int], params: GenParams, emit=None, index: int = 0):
+    def __init__(self, prompt_ids: list[int], params: GenParams, emit=None, index: int = 0, incremental: bool = True):
         self.prompt_ids, self.params, self.emit, self.index = list(prompt_ids), params, emit, index
+        self.incremental = incremental
         self.out_ids: list[int] = []
         self.text, self.sent, self.finish_reason, self.cancelled = "", 0, None, False
         self.gen = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
@@ -199,19 +201,23 @@ class Engine:
             seq.finish_reason = "stop"
         else:
             seq.out_ids.append(token)
-            seq.text = self.tok.decode(seq.out_ids, skip_special_tokens=True)
-            hits = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
-            if hits:
-                seq.text, seq.finish_reason = seq.text[: min(hits)], "stop"
-            elif len(seq.out_ids) >= p.max_tokens or len(seq.prompt_ids) + len(seq.out_ids) >= self.max_context:
+            if len(seq.out_ids) >= p.max_tokens or len(seq.prompt_ids) + len(seq.out_ids) >= self.max_context:
                 seq.finish_reason = "length"
+        if not (seq.incremental or p.stop or seq.finish_reason):
+            return  # not streamed and no stop strings: decode once, at the end
+        seq.text = self.tok.decode(seq.out_ids, skip_special_tokens=True)
+        hits = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
+        if hits:
+            seq.text, seq.finish_reason = seq.text[: min(hits)], "stop"
         end = len(seq.text)
         if not seq.finish_reason:  # hold back a partial UTF-8 char and a possible stop-string prefix
             end -= max([len(s) - 1 for s in p.stop] + [0])
             held = 0  # a UTF-8 character is at most 4 bytes: hold back up to 3 undecodable ones
             while end > seq.sent and seq.text[end - 1] == "\ufffd" and held < 3:
                 end, held = end - 1, held + 1
-        if seq.emit and (end > seq.sent or seq.finish_reason):
+        if not (seq.incremental or seq.finish_reason):
+            return  # not streamed: nothing is sent before the end, and the end sends the whole text
+        if seq.emit and (seq.finish_reason or end > seq.sent):
             seq.emit(seq, seq.text[seq.sent: max(end, seq.sent)])
         seq.sent = max(end, seq.sent)
 
@@ -223,7 +229,7 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], params: GenParams) -> list[Sequence]:
         """Offline helper (benchmarks, tests): run prompts to completion."""
-        seqs = [Sequence(p, params) for p in prompts]
+        seqs = [Sequence(p, params, incremental=False) for p in prompts]
         for s in seqs:
             self.submit(s)
         while self.busy():

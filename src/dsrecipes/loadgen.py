@@ -177,11 +177,12 @@ async def one_request(client, cfg: dict, rng: random.Random) -> dict:
 
 
 # ----------------------------------------------------------------------------- levels
-async def run_level(cfg: dict, kind: str, value: float, seed: int = 0) -> dict:
+async def run_level(cfg: dict, kind: str, value: float, seed: int = 0, records: list | None = None) -> dict:
+    """One level; pass `records` (a list) to also get the raw per-request records appended to it."""
     import httpx
 
     rng = random.Random(seed)
-    records: list[dict] = []
+    records = [] if records is None else records
     limit = cfg["requests"] or math.inf
     deadline = time.perf_counter() + cfg["duration"] if cfg["duration"] else math.inf
     n_conn = int(value) if kind == "concurrency" else cfg["max_in_flight"]

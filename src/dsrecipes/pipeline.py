@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import time
+import types
 from collections import defaultdict
 
 import torch
@@ -225,14 +226,6 @@ class _CheckpointTensors:
             return fh.get_tensor(key)
 
 
-class _StateDictTensors:
-    def __init__(self, state_dict):
-        self.state_dict = state_dict
-
-    def get(self, name):
-        return self.state_dict.get(name)
-
-
 def weight_source(args, config, tokenizer=None):
     """Where the initial weights come from: model_name_or_path, or a fresh HF model built with the recipe's seed
     (the same initialisation train_lm.py gets; every rank builds it once, keeps its stage, drops the rest)."""
@@ -243,7 +236,7 @@ def weight_source(args, config, tokenizer=None):
         return _CheckpointTensors(args.model_name_or_path)
     from dsrecipes.models import build_causal_lm
 
-    return _StateDictTensors(build_causal_lm(args, tokenizer).state_dict())
+    return types.SimpleNamespace(get=build_causal_lm(args, tokenizer).state_dict().get)  # same .get as a checkpoint
 
 
 def load_hf_weights(pipe, source) -> None:
@@ -329,6 +322,7 @@ class BubbleMeter:
         self.engine, self.warmup_steps = engine, warmup_steps
         self.active, self.seen = False, 0
         self.cur, self.acc, self.total = (defaultdict(float) for _ in range(3))
+        self.per_step = []  # (busy, window) of each measured step, for the per-step median
         table = dict(type(engine)._INSTRUCTION_MAP)
         for kind, fn in table.items():
             table[kind] = self._timed(kind.__name__, fn)
@@ -367,6 +361,8 @@ class BubbleMeter:
                 self.acc[k] += v
                 if self.seen > self.warmup_steps:  # the first train_batch also exchanges shapes and allocates
                     self.total[k] += v
+            if self.seen > self.warmup_steps:
+                self.per_step.append((self.cur["busy"], self.cur["window"]))
 
     def collect(self, total: bool = False) -> dict:
         """Collective: idle fractions per stage (averaged over data-parallel replicas) since the last collect, or
@@ -384,7 +380,9 @@ class BubbleMeter:
         busy, window, p2p, _, step, steps = (list(x) for x in zip(*[s.tolist() for s in per_stage]))
         idle = [(w - b) / w if w > 0 else 0.0 for b, w in zip(busy, window)]
         n = max(steps[0], 1.0)
+        extra = self._per_step_median(stages) if total else {}
         return {
+            **extra,
             "bubble_measured": sum(idle) / stages,
             "bubble_formula": bubble_formula(stages, self.engine.micro_batches),
             "stage_idle_fraction": idle,
@@ -394,3 +392,16 @@ class BubbleMeter:
             "step_time_s": step[0] / n,
             "measured_steps": int(steps[0] / (dist.get_world_size() // stages)),
         }
+
+    def _per_step_median(self, stages: int) -> dict:
+        """Collective: each measured step's idle fraction (mean over stages and replicas), and their median, which a
+        burst of other load on a shared machine moves less than the pooled sum over steps."""
+        mine = torch.tensor(self.per_step or [(0.0, 0.0)], dtype=torch.float64)
+        parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, mine)
+        if not self.per_step:
+            return {}
+        fractions = torch.stack([(p[:, 1] - p[:, 0]) / p[:, 1].clamp_min(1e-12) for p in parts])  # ranks x steps
+        per_step = fractions.mean(0)  # every stage has the same number of replicas: mean over ranks = over stages
+        return {"bubble_per_step": [round(x, 4) for x in per_step.tolist()],
+                "bubble_measured_median": float(per_step.median())}

@@ -222,14 +222,15 @@ class Batcher:
             raise APIError(429, f"Too many queued requests (max_queue {self.max_queue}); retry later.", None, "queue_full")
 
     # ------------------------------------------------------------------ asyncio side
-    async def generate(self, prompts: list[list[int]], params: GenParams):
-        """Async iterator of (index, delta_text, finish_reason|None, Sequence) for each prompt, interleaved."""
+    async def generate(self, prompts: list[list[int]], params: GenParams, stream: bool = True):
+        """Async iterator of (index, delta_text, finish_reason|None, Sequence) for each prompt, interleaved;
+        stream=False: one item per prompt, when it finishes (no per-token hand-over between threads)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(seq, delta):  # engine thread
             loop.call_soon_threadsafe(queue.put_nowait, (seq.index, delta, seq.finish_reason, seq))
 
-        seqs = [Sequence(p, params, emit, index=i) for i, p in enumerate(prompts)]
+        seqs = [Sequence(p, params, emit, index=i, incremental=stream) for i, p in enumerate(prompts)]
         with self.cond:
             self._admit_check(len(seqs))
             self.inbox += seqs

@@ -19,8 +19,10 @@ def fix_cpu_deepspeed_world_size() -> None:
     dataset and reductions would be skipped. Tell accelerate's shared state the real world."""
     import torch.distributed as dist
     from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, parse_flag_from_env
 
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return  # touching PartialState() here would fix plain torchrun + ACCELERATE_USE_CPU at one process
     state = PartialState()
     if state.distributed_type == DistributedType.DEEPSPEED and dist.is_initialized() \
             and state.num_processes != dist.get_world_size():
