@@ -388,8 +388,8 @@ def main():
     ]
     tp = pick(section="init_inference")
     notes = (f"Wall time {time.time() - t0:.0f} s. Random weights (built from configs; no downloads). Dynamic vs "
-             f"batch-1 at concurrency 32 for {tiny_label}: {tiny_x:.2f}x (its forward is so small that HTTP and "
-             "Python overheads, which batching does not shrink, take a large share). Speed ratios "
+             f"batch-1 at concurrency 32 for {tiny_label}: {tiny_x:.2f}x (beside the target's "
+             "GPT-2 8x256: the smaller the forward, the larger the share of per-step overheads). Speed ratios "
              "are measured in this run on a shared 2-core CPU; the int8 and TP rows share the cores with nothing "
              "else of ours, the HTTP rows share them with the load generator. init_inference: greedy outputs "
              f"identical to engine hf: {[r['mode'] for r in tp if r['greedy_same_as_hf']]}.")

@@ -264,25 +264,21 @@ def plot(rows):
     def draw(path):
         import matplotlib.pyplot as plt
 
+        def bars_and_dots(ax, part, bar_key, bar_label, dot_key, dot_label, title, color):
+            sel = [r for r in rows if r["part"] == part]
+            ax.bar([r["variant"] for r in sel], [r[bar_key] for r in sel], color=color)
+            ax.set_ylabel(bar_label)
+            ax.set_title(title)
+            ax.tick_params(axis="x", rotation=20)
+            ax2 = ax.twinx()
+            ax2.plot([r["variant"] for r in sel], [r[dot_key] for r in sel], "o", color="tab:red")
+            ax2.set_ylabel(dot_label)
+
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        fz = [r for r in rows if r["part"] == "freezing"]
-        ax = axes[0]
-        ax.bar([r["variant"] for r in fz], [r["wall_clock_s"] for r in fz], color="tab:blue")
-        ax.set_ylabel("fine-tune wall clock (s)")
-        ax.set_title("freezing: wall clock (bars), eval loss (dots)")
-        ax.tick_params(axis="x", rotation=20)
-        ax2 = ax.twinx()
-        ax2.plot([r["variant"] for r in fz], [r["eval_loss"] for r in fz], "o", color="tab:red")
-        ax2.set_ylabel("final eval loss")
-        ds = [r for r in rows if r["part"] == "distillation"]
-        ax = axes[1]
-        ax.bar([r["variant"] for r in ds], [r["inference_tokens_per_s"] for r in ds], color="tab:green")
-        ax.set_ylabel("inference tokens/s (1 thread)")
-        ax.set_title("distillation: speed (bars), eval perplexity (dots)")
-        ax.tick_params(axis="x", rotation=20)
-        ax2 = ax.twinx()
-        ax2.plot([r["variant"] for r in ds], [r["eval_ppl"] for r in ds], "o", color="tab:red")
-        ax2.set_ylabel("eval perplexity")
+        bars_and_dots(axes[0], "freezing", "wall_clock_s", "fine-tune wall clock (s)", "eval_loss", "final eval loss",
+                      "freezing: wall clock (bars), eval loss (dots)", "tab:blue")
+        bars_and_dots(axes[1], "distillation", "inference_tokens_per_s", "inference tokens/s (1 thread)", "eval_ppl",
+                      "eval perplexity", "distillation: speed (bars), eval perplexity (dots)", "tab:green")
         ax = axes[2]
         pl = [r for r in rows if r["part"] == "pipeline" and "bubble_measured" in r]
         if pl:
@@ -325,8 +321,8 @@ def main():
     minutes = (time.time() - t0) / 60
     notes = (f"{'QUICK SMOKE RUN (BENCH_QUICK=1), not a measurement. ' if QUICK else ''}"
              f"Whole benchmark {minutes:.1f} min on {os.cpu_count()} cores; load average {load0:.1f} at start, "
-             f"{os.getloadavg()[0]:.1f} at the end (other jobs share this machine: absolute tokens/s are low and "
-             "noisy, ratios come from runs made minutes apart in the same conditions; cpu_speedup, the ratio of the "
+             f"{os.getloadavg()[0]:.1f} at the end (absolute tokens/s on a small CPU machine are low "
+             "and noisy; ratios come from runs made minutes apart in the same conditions; cpu_speedup, the ratio of the "
              "CPU seconds of the whole launched runs, startup and eval included so it understates the loop's ratio, "
              "is the cross-check that the load does not inflate). Teacher: GPT-2 8x256 trained "
              f"{TEACHER_STEPS} steps on the generated language (seed 1234); fine-tune corpus: another generated "

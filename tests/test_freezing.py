@@ -234,3 +234,32 @@ def test_cubic_and_adaptive_one_process(tmp_path):
     assert ev and ev[0]["step"] == 4 and ev[0]["frozen_units"] == 3 and s["freezing"]["frozen_weights_unchanged"]
     assert s["freezing"]["grad_norm_history"][0]["step"] == 1
     assert len(read_jsonl(os.path.join(adaptive, "metrics.jsonl"))) >= STEPS
+
+
+@pytest.mark.slow
+def test_static_freezing_zero3_two_processes_keeps_no_state_for_frozen_weights(tmp_path):
+    """configs/recipes/freeze_tiny_static.yaml as shipped, under ZeRO-3 with 2 processes: the frozen embeddings and
+    blocks 0-1 get no optimizer state (each rank holds fp32 master + Adam, 12 B, for its half of the trainable
+    parameters only) and leave the run exactly as they came in, while the trained blocks move."""
+    from safetensors.torch import load_file
+
+    common = ["--config", "configs/recipes/freeze_tiny_static.yaml", "--logging_steps", "1", "--eval_steps", "100",
+              "--save_steps", "0", "--report_to", "none", "--per_device_train_batch_size", "4", "--generated_docs", "40",
+              "--eval_docs", "20", "--warmup_steps", "1"]
+    outs = {}
+    for steps in (1, 4):
+        outs[steps] = str(tmp_path / f"steps{steps}")
+        run(launch_cmd("recipes/train_lm.py", common + ["--max_steps", str(steps), "--output_dir", outs[steps]],
+                       deepspeed="configs/deepspeed/zero3.json"))
+    s = summary(outs[4])
+    assert s["zero_stage"] == 3 and s["world_size"] == 2 and s["status"] == "completed"
+    trainable = s["params"] - s["frozen_params"]
+    assert s["frozen_params"] == s["freezing"]["initial_frozen_params"] and 0 < trainable < s["params"]
+    at = s["memory"]["at_step"]
+    assert at["optimizer_states"] == pytest.approx(12 * trainable / 2, rel=0.02), (at, trainable)
+    w1, w4 = (load_file(os.path.join(outs[k], "final", "model.safetensors")) for k in (1, 4))
+    frozen = [k for k in w4 if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0.", "transformer.h.1."))]
+    trained = [k for k in w4 if k.startswith(("transformer.h.2.", "transformer.h.3."))]
+    assert frozen and trained
+    assert all(torch.equal(w1[k], w4[k]) for k in frozen)
+    assert all(not torch.equal(w1[k], w4[k]) for k in trained if k.endswith(".weight"))
