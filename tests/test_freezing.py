@@ -64,6 +64,53 @@ def test_adaptive_monitor_freezes_only_blocks_whose_grad_norm_settled():
     mon.close()
 
 
+def test_adaptive_monitor_resumed_mid_interval_averages_the_steps_it_saw():
+    from dsrecipes.freezing import GradNormMonitor
+
+    lin = torch.nn.Linear(3, 3)
+    acc = types.SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    mon = GradNormMonitor([lin], check_steps=4, threshold=0.1, window=1)
+    for step in range(1, 7):  # one full interval (steps 1-4), then a checkpoint at step 6, mid-interval
+        lin.weight.sum().backward()
+        mon.update(step, acc)
+    mon.close()
+    resumed = GradNormMonitor([lin], check_steps=4, threshold=0.1, window=1, state=mon.state())
+    for step in (7, 8):  # the resumed run sees only 2 of the interval's 4 steps
+        lin.weight.sum().backward()
+        streak = resumed.update(step, acc)
+    assert resumed.history[-1]["grad_norms"][0] == pytest.approx(3.0, rel=1e-5)  # per-step norm, not 3/sqrt(2)
+    assert streak == [1]  # the same norm as the interval before the checkpoint: no spurious change
+    resumed.close()
+
+
+def fake_accelerator():
+    return types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=None), num_processes=1,
+                                 process_index=0, device=torch.device("cpu"), mixed_precision="no", print=print)
+
+
+def default_args(**over):
+    import dataclasses
+
+    from dsrecipes.args import DataArguments, ModelArguments, TrainArguments
+
+    vals = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for dc in (ModelArguments, DataArguments, TrainArguments) for f in dataclasses.fields(dc)}
+    return types.SimpleNamespace(**{**vals, **over})
+
+
+def test_progressive_count_starts_after_the_leading_frozen_units_only():
+    from dsrecipes.freezing import Freezer
+    from dsrecipes.models import transformer_blocks
+
+    model = tiny_model()
+    # a pattern freezes block 2 statically; embeddings + block 0 (unit 0) and block 1 (unit 1) still train
+    args = default_args(freeze_schedule="linear", max_steps=10, freeze_patterns=[r"^transformer\.h\.2\."])
+    fz = Freezer(model, args, fake_accelerator())
+    assert not any(p.requires_grad for p in transformer_blocks(model)[2].parameters())
+    assert fz.n_frozen == 0 and fz.state() == {"frozen_units": 0}  # the old count said 1: unit 0 would never freeze
+    assert fz._target(fz.steps[0]) == 1
+
+
 # ---------------------------------------------------------------------------- the frozen-prefix cache
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 def test_prefix_cache_gives_the_same_loss_and_grads_and_skips_the_prefix(tmp_path, mode):
@@ -103,6 +150,39 @@ def test_prefix_cache_gives_the_same_loss_and_grads_and_skips_the_prefix(tmp_pat
     assert cache.stats() == before
     if mode == "disk":
         assert len([f for f in os.listdir(tmp_path / "c") if f.endswith(".pt")]) == cache.stats()["entries"]
+    cache.close()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_prefix_cache_under_hf_checkpointing_keeps_the_gradients(reentrant):
+    from dsrecipes.prefix_cache import PrefixCache
+
+    model = tiny_model().train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(1))
+    freeze_prefix(model, 2)
+    ref_loss, ref_grads = loss_and_grads(model, ids)
+    assert "transformer.h.2.attn.c_attn.weight" in ref_grads
+    cache = PrefixCache(model, "memory", checkpointing="full", reentrant=reentrant)
+    cache.activate(2)
+    for expect_hits in (0, 4):
+        loss, grads = loss_and_grads(model, ids)
+        assert cache.hits == expect_hits and loss == pytest.approx(ref_loss, abs=1e-6)
+        assert grads.keys() == ref_grads.keys()  # on a hit too: the first trainable block still gets its gradients
+        assert all(torch.allclose(grads[k], ref_grads[k], atol=1e-6) for k in grads)
+    cache.close()
+
+
+def test_prefix_cache_turns_off_under_every_k_checkpointing():
+    from dsrecipes.memory import apply_activation_checkpointing
+    from dsrecipes.prefix_cache import PrefixCache
+
+    model = tiny_model().train()
+    apply_activation_checkpointing(model, default_args(gradient_checkpointing="every_k", checkpoint_every_k=2))
+    messages = []
+    cache = PrefixCache(model, "memory", checkpointing="every_k", log=messages.append)
+    cache.activate(2)
+    assert cache.depth == 0 and "every_k checkpointing" in cache.off_reason and messages
     cache.close()
 
 
@@ -163,6 +243,24 @@ def test_progressive_freezing_is_refused_where_the_engine_cannot_be_rebuilt(tmp_
     assert len(out) == 1 and "freeze_schedule: progressive freezing rebuilds the engine" in out[0], out
     rec.write_text("freeze_first_n_blocks: 2\n")
     assert lint_files(deepspeed=str(ds), recipe=str(rec)) == []  # static freezing is fine with ZeRO-3
+    rec.write_text("freeze_schedule: linear\n")  # ZeRO-0 in bf16: DeepSpeed's own fp32 copies hold the Adam state
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}))
+    out = [e.line() for e in lint_files(deepspeed=str(ds), recipe=str(rec))]
+    assert len(out) == 1 and "progressive freezing with ZeRO-0 and bf16" in out[0], out
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}))
+    assert lint_files(deepspeed=str(ds), recipe=str(rec)) == []
+
+
+def test_rebuild_refuses_zero0_with_mixed_precision_at_start():
+    from dsrecipes.errors import ConfigError
+    from dsrecipes.rebuild import check_rebuild_supported
+
+    plugin = types.SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 0}, "bf16": {"enabled": "auto"}})
+    acc = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin), mixed_precision="bf16")
+    with pytest.raises(ConfigError, match="ZeRO-0 and bf16 is not supported"):
+        check_rebuild_supported(acc, default_args(freeze_schedule="linear"))
+    acc.mixed_precision = "no"
+    check_rebuild_supported(acc, default_args(freeze_schedule="linear"))
 
 
 # ---------------------------------------------------------------------------- recipe runs under DeepSpeed

@@ -82,8 +82,17 @@ def _worker(hf_dir: str, out_json: str, export_dir: str) -> None:
         engine, *_ = deepspeed.initialize(model=pipe, optimizer=torch.optim.SGD(pipe.parameters(), lr=lr), config=ds)
         return engine
 
-    def worst(a: dict, b: dict) -> float:  # max over tensors of max|a - b| / max|b|
-        return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
+    def worst(a: dict, b: dict, base: dict | None = None) -> float:  # max over tensors of max|a - b| / max|b|
+        """With `base` (the weights before the step), a and b are updates measured as before - after: each is known
+        only to the float32 spacing of the weight (one ulp of a LayerNorm weight near 1.0 is 1.2e-7, against updates
+        of ~5e-4), so the part of |a - b| within one ulp of the weight is not counted as an error."""
+        def err(k):
+            diff = (a[k] - b[k]).abs()
+            if base is not None:
+                diff = (diff - torch.finfo(torch.float32).eps * base[k].abs()).clamp_min(0)
+            return (diff.max() / b[k].abs().max().clamp_min(1e-12)).item()
+
+        return max(err(k) for k in a)
 
     # 1. HF checkpoint -> pipeline (uniform partition) -> HF export, untouched
     pipe = build_pipeline(config, 2, "uniform")
@@ -120,7 +129,7 @@ def _worker(hf_dir: str, out_json: str, export_dir: str) -> None:
     loss = engine.train_batch(iter(micro)).item()
     update = {prefix + n: before[prefix + n] - p.detach() for prefix, mod in local_hf_modules(pipe)
               for n, p in mod.named_parameters()}
-    local.update(loss_diff_z1=abs(loss - ref_loss), update_rel_z1=worst(update, {k: ref_update[k] for k in update}),
+    local.update(loss_diff_z1=abs(loss - ref_loss), update_rel_z1=worst(update, ref_update, before),
                  min_block_calls=min(calls), max_block_calls=max(calls), local_params=len(update))
 
     parts = [None] * dist.get_world_size()
@@ -148,7 +157,7 @@ def test_pipelined_loss_gradients_and_export_equal_the_hf_model(hf_dir, tmp_path
     for r in res["ranks"]:
         assert r["loss_diff"] < 1e-5 and r["loss_diff_z1"] < 1e-5, r
         assert r["grad_rel"] < 1e-5, r      # measured ~5e-8
-        assert r["update_rel_z1"] < 1e-4, r  # measured ~4e-6 (global-norm clipping across both stages)
+        assert r["update_rel_z1"] < 1e-4, r  # measured ~4e-6 beyond weight rounding (global-norm clipping, 2 stages)
         assert r["min_block_calls"] == r["max_block_calls"] == 2 * M, r  # forward + recompute per micro-batch
         assert r["local_params"] > 0
     # roundtrip: the export holds exactly the source tensors, and the head is the embedding

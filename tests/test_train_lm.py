@@ -116,6 +116,32 @@ def test_kill_during_checkpoint_write_then_resume_is_exact(tmp_root):
 
 
 @pytest.mark.slow
+def test_resaving_a_step_swaps_it_atomically(tmp_path):
+    """A resumed run saves a step that exists already: the old copy is moved aside, never deleted before the new one
+    is in place; a crash between the two renames leaves the old copy, which the next start puts back."""
+    import types
+
+    from dsrecipes.checkpointing import STATE_FILE, Checkpoints
+
+    def save_state(path):
+        os.makedirs(path)
+        with open(os.path.join(path, "weights"), "w") as fh:
+            fh.write(acc.tag)
+
+    acc = types.SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state, tag="a")
+    ck = Checkpoints(acc, str(tmp_path), keep_last=2)
+    ck.save(4, {"step": 4})
+    acc.tag = "b"
+    path = ck.save(4, {"step": 4, "again": True})
+    assert ck.latest() == path and open(os.path.join(path, "weights")).read() == "b"
+    assert sorted(os.listdir(ck.root)) == ["latest", "step_00000004"]
+    os.replace(path, os.path.join(ck.root, ".old-step_00000004"))  # as if killed between the two renames
+    os.makedirs(os.path.join(ck.root, ".tmp-step_00000004"))
+    ck = Checkpoints(acc, str(tmp_path))
+    assert ck.latest() == path and os.path.isfile(os.path.join(path, STATE_FILE))
+    assert sorted(os.listdir(ck.root)) == ["latest", "step_00000004"]
+
+
 def test_sigusr1_checkpoints_and_resume_matches_straight_run(tmp_root):
     import psutil
 

@@ -222,6 +222,11 @@ def cross_check(recipe: dict, ds: dict | None, acc: dict | None, world_size: int
         errs.append(ConfigError(rpath, "freeze_schedule", "progressive freezing rebuilds the engine at each freeze point, "
                                 "supported for ZeRO 0-2 without offload (dsrecipes.rebuild)", "use ZeRO 0, 1 or 2, "
                                 "or static freezing (freeze_embeddings, freeze_first_n_blocks) with ZeRO-3"))
+    low = [k for k in ("bf16", "fp16") if _get(ds, f"{k}.enabled") is True or (mp == k and ds)]
+    if progressive and ds and stage == 0 and low:
+        errs.append(ConfigError(rpath, "freeze_schedule", f"progressive freezing with ZeRO-0 and {low[0]} cannot carry "
+                                "Adam state over (DeepSpeed's stage-0 mixed-precision optimizer keeps its own fp32 "
+                                "copies)", f"use ZeRO-1 or 2 with {low[0]}, or ZeRO-0 in fp32"))
     offload = _get(ds, "zero_optimization.offload_optimizer.device", "none") not in ("none", None)
     optimizer = recipe.get("optimizer", "adamw")
     if offload and optimizer != "adamw":

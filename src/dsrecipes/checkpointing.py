@@ -42,8 +42,15 @@ class Checkpoints:
         if self.acc.is_main_process:
             os.makedirs(self.root, exist_ok=True)
             for name in os.listdir(self.root):  # leftovers of a crash mid-write
+                path = os.path.join(self.root, name)
                 if name.startswith(".tmp-"):
-                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                    shutil.rmtree(path, ignore_errors=True)
+                elif name.startswith(".old-"):  # a re-save swapped this out: put it back if its successor is missing
+                    final = os.path.join(self.root, name[len(".old-"):])
+                    if os.path.exists(final):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.replace(path, final)
         self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ find
@@ -79,14 +86,17 @@ class Checkpoints:
             write_json_atomic(os.path.join(tmp, STATE_FILE), trainer_state)
             if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
                 os.kill(os.getpid(), signal.SIGKILL)
-            if os.path.exists(final):  # re-saving a step (after a resume): swap the old one out
-                shutil.rmtree(final)
+            old = os.path.join(self.root, f".old-{name}")
+            if os.path.exists(final):  # re-saving a step (after a resume): move the old one aside, delete it last
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)  # a crash from here to the next replace: __init__ moves it back
             os.replace(tmp, final)
             with open(os.path.join(self.root, "latest.tmp"), "w") as fh:
                 fh.write(name + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(os.path.join(self.root, "latest.tmp"), os.path.join(self.root, "latest"))
+            shutil.rmtree(old, ignore_errors=True)
             self._prune(keep=name)
         self.acc.wait_for_everyone()
         return final

@@ -124,6 +124,7 @@ class GradNormMonitor:
     def __init__(self, blocks, check_steps: int, threshold: float, window: int, state: dict | None = None):
         self.check_steps, self.threshold, self.window = check_steps, threshold, window
         self.sq = [torch.zeros(()) for _ in blocks]
+        self.n_steps = 0  # optimizer steps summed in self.sq (fewer than check_steps after a resume mid-interval)
         self.prev = (state or {}).get("prev") or [None] * len(blocks)
         self.streak = (state or {}).get("streak") or [0] * len(blocks)
         self.history: list[dict] = []
@@ -140,12 +141,13 @@ class GradNormMonitor:
 
     def update(self, step: int, accelerator) -> list[int]:
         """At the end of an interval: the streak of each block (all ranks see the same numbers)."""
+        self.n_steps += 1
         if step % self.check_steps:
             return self.streak
         sq = torch.stack(self.sq).to(accelerator.device)
         if accelerator.num_processes > 1:
             sq = accelerator.reduce(sq, reduction="mean")
-        norms = (sq.cpu() / self.check_steps).sqrt().tolist()
+        norms = (sq.cpu() / self.n_steps).sqrt().tolist()  # mean squared norm per step, then its root
         for i, n in enumerate(norms):
             prev = self.prev[i]
             if n == 0:  # no gradient at all: the block is already frozen (e.g. statically)
@@ -154,7 +156,7 @@ class GradNormMonitor:
                 self.streak[i] = self.streak[i] + 1 if abs(n - prev) / prev < self.threshold else 0
             self.prev[i] = n
         self.history.append({"step": step, "grad_norms": [round(n, 5) for n in norms], "streak": list(self.streak)})
-        self.sq = [torch.zeros(()) for _ in self.sq]
+        self.sq, self.n_steps = [torch.zeros(()) for _ in self.sq], 0
         return self.streak
 
     def state(self) -> dict:
@@ -210,7 +212,10 @@ class Freezer:
         for unit in self.units[: resumed.get("frozen_units", 0)]:
             for mod in unit:
                 mod.requires_grad_(False)
-        self.n_frozen = sum(1 for u in self.units if not any(p.requires_grad for m in u for p in m.parameters()))
+        self.n_frozen = 0  # progressive freezing goes front to back: count the leading units that are fully frozen
+        while self.n_frozen < len(self.units) and not any(
+                p.requires_grad for m in self.units[self.n_frozen] for p in m.parameters()):
+            self.n_frozen += 1
         self.steps = schedule_steps(self.schedule, self.n_units, args.max_steps, args.freeze_start, args.freeze_end) \
             if self.schedule in ("linear", "cubic") else None
         self.monitor = None
@@ -226,7 +231,9 @@ class Freezer:
             if cache_dir and accelerator.num_processes > 1:
                 cache_dir = os.path.join(cache_dir, f"rank{accelerator.process_index}")
             self.cache = PrefixCache(model, args.freeze_cache, args.freeze_cache_max_mb, cache_dir,
-                                     zero3=zero_stage(accelerator) == 3, log=accelerator.print)
+                                     zero3=zero_stage(accelerator) == 3, log=accelerator.print,
+                                     checkpointing=args.gradient_checkpointing,
+                                     reentrant=bool(args.gradient_checkpointing_reentrant))
             self.cache.activate(frozen_prefix_depth(model))
         self.initial_frozen = frozen_param_count(model)
         self.checksums: dict[int, list[float]] = {}

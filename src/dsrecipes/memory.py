@@ -337,6 +337,9 @@ class StepProbe:
         cycles: dict[int, dict] = {}
         done = [0]  # optimizer steps taken so far
 
+        def release():  # measured: drop the references, or a rebuilt engine's predecessor would stay alive
+            self.model = self.optimizer = None
+
         def snapshot():
             snap = model_state_bytes(self.model, self.optimizer)
             if done[0] not in cycles or snap["model_states"] > cycles[done[0]]["model_states"]:
@@ -349,6 +352,7 @@ class StepProbe:
                 done[0] += 1
                 if done[0] == calls:
                     handle.remove()
+                    release()
 
             handle = opt.register_step_pre_hook(pre_hook)
             return
@@ -367,6 +371,7 @@ class StepProbe:
                                 setattr(opt, n, orig)
                             else:
                                 delattr(opt, n)
+                        release()
                 return originals[name][0](*args, **kwargs)
 
             return call

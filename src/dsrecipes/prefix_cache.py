@@ -13,10 +13,13 @@ forward hook on its last block stores the rows. Only in training mode; eval forw
 
 Correct only when the prefix is a pure function of the sample, so the cache turns itself off, with a message,
 when dropout is active in the prefix (the embeddings' or any frozen block's), under ZeRO-3 (partitioned
-parameters are gathered by module hooks that must see every block run), and when it fills up before any sample
+parameters are gathered by module hooks that must see every block run), under `every_k` checkpointing (each
+segment's first block runs the whole segment, so blocks cannot be skipped one by one), and when it fills up before any sample
 comes back (data augmentation or random crops make every input new). Bounded: `max_mb` per process; rows beyond
 it are recomputed. Mode `disk` keeps entries as files in
-`cache_dir` (default: a temporary directory, removed at exit) instead of RAM.
+`cache_dir` (default: a temporary directory, removed at exit) instead of RAM. With reentrant checkpointing (HF `full`
+reentrant, or `deepspeed`) a cached hidden state is handed on as requiring grad, as the real prefix's output would
+be after `enable_input_require_grads`, or the first trainable block would get no gradients.
 """
 from __future__ import annotations
 
@@ -105,8 +108,9 @@ class _Store:
 
 class PrefixCache:
     def __init__(self, model, mode: str = "memory", max_mb: int = 1024, cache_dir: str | None = None,
-                 zero3: bool = False, log=print):
+                 zero3: bool = False, log=print, checkpointing: str = "none", reentrant: bool = False):
         self.model, self.log = model, log
+        self.input_grad = checkpointing == "deepspeed" or (checkpointing == "full" and reentrant)
         self.blocks = transformer_blocks(model)
         self.store = _Store(mode, int(max_mb) * 2**20, cache_dir)
         self.depth = 0
@@ -114,6 +118,9 @@ class PrefixCache:
         if zero3:
             self.turn_off("ZeRO-3 gathers each block's parameters in module hooks, which must see every block run; "
                           "use ZeRO 0-2 for the prefix cache")
+        if checkpointing == "every_k":
+            self.turn_off("every_k checkpointing runs each segment of blocks from the segment's first block, so frozen "
+                          "blocks cannot be skipped one by one; use gradient_checkpointing: full or none with freeze_cache")
         self.hits = self.misses = self.lookups = self.full = 0
         self._plan = None
         self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
@@ -189,9 +196,11 @@ class PrefixCache:
         rides along until its depth, where its cached value replaces it (entries made before the prefix grew
         are extended by the blocks between their depth and the current one)."""
         start = min(depths)
+        if self.input_grad and torch.is_grad_enabled():
+            cached = cached.requires_grad_(True)  # a reentrant checkpoint only back-props into blocks whose input does
         for i, blk in enumerate(self.blocks[:start]):
+            self._restore.append((blk, blk.__dict__.get("forward")))
             blk.forward = _passthrough(cached if i == start - 1 else None)
-            self._restore.append(blk)
         for d in sorted(set(depths) - {start}):
             rows = torch.tensor([i for i, x in enumerate(depths) if x == d], device=cached.device)
             self._hooks.append(self.blocks[d - 1].register_forward_hook(_replace_rows(rows, cached[rows])))
@@ -202,8 +211,11 @@ class PrefixCache:
     def _post(self, module, args, kwargs, output):
         if self._plan is None:
             return None
-        for blk in self._restore:
-            del blk.forward  # back to the class's forward
+        for blk, own in self._restore:  # back to the forward the block had (the class's, unless someone set one)
+            if own is None:
+                del blk.forward
+            else:
+                blk.forward = own
         for h in self._hooks:
             h.remove()
         keys, self._plan = self._plan, None

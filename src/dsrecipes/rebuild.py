@@ -13,7 +13,8 @@ the rebuild is carried over exactly:
   without ZeRO it is the torch optimizer's state dict, handed over as it is.
 - fp32 master weights (differ from the module's weights under bf16).
 - the LR schedule position, and accelerate's registered dataloaders (their sampler state goes into checkpoints).
-Supported: no DeepSpeed (1 process or DDP), ZeRO 0, 1 and 2, with optimizer adamw. ZeRO-3 and ZeRO-Offload are
+Supported: no DeepSpeed (1 process or DDP), ZeRO 1 and 2, and ZeRO 0 in fp32, with optimizer adamw. ZeRO-3,
+ZeRO-Offload and ZeRO-0 with bf16/fp16 (its FP16_UnfusedOptimizer keeps fp32 copies outside `_hp_mapping`) are
 refused by `check_rebuild_supported` (static freezing, decided before the engine is built, works everywhere).
 """
 from __future__ import annotations
@@ -39,6 +40,11 @@ def check_rebuild_supported(accelerator, args, where: str = "<args>") -> None:
     if offload not in ("none", None):
         raise ConfigError(where, "freeze_schedule", "progressive freezing is not supported with ZeRO-Offload "
                           "(DeepSpeedCPUAdam state is not carried over)", "use a config without offload_optimizer")
+    low = [k for k in ("bf16", "fp16") if (cfg.get(k) or {}).get("enabled") is True or accelerator.mixed_precision == k]
+    if stage == 0 and low:
+        raise ConfigError(where, "freeze_schedule", f"progressive freezing with ZeRO-0 and {low[0]} is not supported: "
+                          "DeepSpeed's stage-0 mixed-precision optimizer keeps fp32 copies whose Adam state cannot be "
+                          "carried over", f"use ZeRO-1 or 2 with {low[0]}, or ZeRO-0 in fp32")
     if args.optimizer != "adamw":
         raise ConfigError(where, "freeze_schedule", f"progressive freezing under DeepSpeed carries AdamW state only, "
                           f"not {args.optimizer}", "use optimizer: adamw")
