@@ -14,12 +14,12 @@ forward hook on its last block stores the rows. Only in training mode; eval forw
 Correct only when the prefix is a pure function of the sample, so the cache turns itself off, with a message,
 when dropout is active in the prefix (the embeddings' or any frozen block's), under ZeRO-3 (partitioned
 parameters are gathered by module hooks that must see every block run), under `every_k` checkpointing (each
-segment's first block runs the whole segment, so blocks cannot be skipped one by one), and when it fills up before any sample
-comes back (data augmentation or random crops make every input new). Bounded: `max_mb` per process; rows beyond
-it are recomputed. Mode `disk` keeps entries as files in
-`cache_dir` (default: a temporary directory, removed at exit) instead of RAM. With reentrant checkpointing (HF `full`
-reentrant, or `deepspeed`) a cached hidden state is handed on as requiring grad, as the real prefix's output would
-be after `enable_input_require_grads`, or the first trainable block would get no gradients.
+segment's first block runs the whole segment, so blocks cannot be skipped one by one), and when it fills up before
+any sample comes back (data augmentation or random crops make every input new). Bounded: `max_mb` per process; rows
+beyond it are recomputed. Mode `disk` keeps entries as files in `cache_dir` (default: a temporary directory, removed
+at exit) instead of RAM. With reentrant checkpointing (HF `full` reentrant, or `deepspeed`) a cached hidden state is
+handed on as requiring grad, as the real prefix's output would be after `enable_input_require_grads`, or the first
+trainable block would get no gradients.
 """
 from __future__ import annotations
 
