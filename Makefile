@@ -24,7 +24,7 @@ ARGS ?=
 LAUNCH = $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_cpu_threads_per_process 1 \
 	$(if $(DS),--deepspeed_config_file $(DS))
 
-.PHONY: help setup test test-fast train lint check quality clean
+.PHONY: help setup test test-fast train lint check quality style clean
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
@@ -35,7 +35,18 @@ $(VENV)/.setup-stamp: constraints.txt pyproject.toml
 	$(PIP) -e '.[test]'
 	touch $@
 
-test: setup  ## run the whole CPU test suite
+LINT_PATHS := src recipes benchmarks tests
+lint: setup  ## ruff: lint and format check (line length 120, pyproject.toml)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+quality: lint  ## alias of lint
+
+style: setup  ## ruff: fix what it can and reformat
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+	$(BIN)/ruff format $(LINT_PATHS)
+
+test: setup lint  ## lint, then run the whole CPU test suite
 	$(BIN)/python -m pytest tests -q
 
 test-fast: setup  ## unit tests only (no multi-process launches)

@@ -20,6 +20,7 @@ What runs:
    step (before ZeRO-1's gradient reduction, when the full gradients are still there, and before the step),
    against the ZeRO paper's per-device formula and the planner.
 """
+
 import json
 import os
 import shutil
@@ -33,14 +34,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.chdir(ROOT)
-from dsrecipes import memory, planner  # noqa: E402
+from dsrecipes.memory import activation_checkpointing, measure, planner  # noqa: E402
 from dsrecipes.results import target, write_results  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 WORK = os.path.join(ROOT, "outputs", "bench_memory")
 BIN = os.path.dirname(sys.executable)
 MiB = 2**20
-S = (lambda full, quick: quick if QUICK else full)
+S = lambda full, quick: quick if QUICK else full
 LAYERS, HIDDEN, HEADS, MICRO, SEQ = S(12, 4), 256, 4, 2, S(256, 64)  # checkpointing rows
 ZMICRO, ZSEQ = 4, S(128, 64)  # ZeRO rows (GPT-2 4x256)
 REPS, OPT_STEPS, ZERO_STEPS = S(5, 2), S(25, 4), S(4, 3)
@@ -48,17 +49,30 @@ REPS, OPT_STEPS, ZERO_STEPS = S(5, 2), S(25, 4), S(4, 3)
 
 def model_config(path: str, layers: int) -> str:
     with open(path, "w") as fh:
-        json.dump({"_comment": f"GPT-2 {layers}x{HIDDEN} for benchmarks/bench_memory.py", "model_type": "gpt2",
-                   "n_layer": layers, "n_embd": HIDDEN, "n_head": HEADS, "n_positions": 256, "resid_pdrop": 0.1,
-                   "embd_pdrop": 0.1, "attn_pdrop": 0.1, "tie_word_embeddings": True}, fh, indent=2)
+        json.dump(
+            {
+                "_comment": f"GPT-2 {layers}x{HIDDEN} for benchmarks/bench_memory.py",
+                "model_type": "gpt2",
+                "n_layer": layers,
+                "n_embd": HIDDEN,
+                "n_head": HEADS,
+                "n_positions": 256,
+                "resid_pdrop": 0.1,
+                "embd_pdrop": 0.1,
+                "attn_pdrop": 0.1,
+                "tie_word_embeddings": True,
+            },
+            fh,
+            indent=2,
+        )
     return path
 
 
 def build(path: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
-    from dsrecipes.data import byte_tokenizer
-    from dsrecipes.models import load_model_config
+    from dsrecipes.train.data import byte_tokenizer
+    from dsrecipes.train.models import load_model_config
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(load_model_config(path, byte_tokenizer()))
@@ -84,27 +98,40 @@ def checkpointing_rows(path: str, spec) -> list[dict]:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     single_rank_group()
-    k_sqrt = memory.default_every_k(LAYERS)
+    k_sqrt = activation_checkpointing.default_every_k(LAYERS)
     part = {"partition_activations": True, "contiguous_memory_optimization": True, "number_checkpoints": LAYERS}
-    variants = [("none", "none", {}, None), ("full", "full", {}, None),
-                ("full reentrant", "full", {"gradient_checkpointing_reentrant": True}, None)]
+    variants = [
+        ("none", "none", {}, None),
+        ("full", "full", {}, None),
+        ("full reentrant", "full", {"gradient_checkpointing_reentrant": True}, None),
+    ]
     for k in sorted(k for k in {2, k_sqrt, 4, 6} if k <= LAYERS):
-        variants.append((f"every_k k={k}" + (" (sqrt n)" if k == k_sqrt else ""), "every_k", {"checkpoint_every_k": k},
-                         None))
-    variants += [("deepspeed", "deepspeed", {}, {"activation_checkpointing": {}}),
-                 ("deepspeed partition+contiguous", "deepspeed", {}, {"activation_checkpointing": part})]
+        variants.append(
+            (f"every_k k={k}" + (" (sqrt n)" if k == k_sqrt else ""), "every_k", {"checkpoint_every_k": k}, None)
+        )
+    variants += [
+        ("deepspeed", "deepspeed", {}, {"activation_checkpointing": {}}),
+        ("deepspeed partition+contiguous", "deepspeed", {}, {"activation_checkpointing": part}),
+    ]
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 257, (MICRO, SEQ), generator=gen)
     runs = []
     for name, mode, extra, ds in variants:
-        args = types.SimpleNamespace(**{"gradient_checkpointing": mode, "gradient_checkpointing_reentrant": False,
-                                        "checkpoint_every_k": 0, "per_device_train_batch_size": MICRO,
-                                        "gradient_accumulation_steps": 1, **extra})
+        args = types.SimpleNamespace(
+            **{
+                "gradient_checkpointing": mode,
+                "gradient_checkpointing_reentrant": False,
+                "checkpoint_every_k": 0,
+                "per_device_train_batch_size": MICRO,
+                "gradient_accumulation_steps": 1,
+                **extra,
+            }
+        )
         model = build(path)
-        info = memory.apply_activation_checkpointing(model, args, None, ds)
+        info = activation_checkpointing.apply_activation_checkpointing(model, args, None, ds)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         step(model, opt, ids)  # warm-up: Adam state exists from here on
-        with memory.SavedActivations(model) as acts:
+        with measure.SavedActivations(model) as acts:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -117,14 +144,37 @@ def checkpointing_rows(path: str, spec) -> list[dict]:
         cat = {str(getattr(k, "value", k)): v for k, v in peak.items()}
         states = cat.get("Parameter", 0) + cat.get("Gradient", 0) + cat.get("Optstate", 0) + cat.get("Buffer", 0)
         k = info.get("every_k")
-        plan = planner.plan_memory(spec, zero_stage=0, micro_batch=MICRO, seq_len=SEQ, precision="fp32",
-                                   checkpointing=mode, every_k=k, optimizer="adamw", device="cpu")
-        runs.append({"model": model, "opt": opt, "times": [], "row": {
-            "section": "checkpointing", "technique": name, "mode": mode, "every_k": k,
-            "act_saved_fwd_mib": acts.bytes / MiB, "act_peak_mib": (cat["Total"] - states) / MiB,
-            "measured_total_mib": cat["Total"] / MiB, "planner_saved_fwd_mib": plan["detail"]["activations_saved_forward"] / MiB,
-            "planner_activations_mib": plan["activations"] / MiB, "planner_total_mib": plan["total"] / MiB,
-            "deepspeed_state": info.get("deepspeed")}})
+        plan = planner.plan_memory(
+            spec,
+            zero_stage=0,
+            micro_batch=MICRO,
+            seq_len=SEQ,
+            precision="fp32",
+            checkpointing=mode,
+            every_k=k,
+            optimizer="adamw",
+            device="cpu",
+        )
+        runs.append(
+            {
+                "model": model,
+                "opt": opt,
+                "times": [],
+                "row": {
+                    "section": "checkpointing",
+                    "technique": name,
+                    "mode": mode,
+                    "every_k": k,
+                    "act_saved_fwd_mib": acts.bytes / MiB,
+                    "act_peak_mib": (cat["Total"] - states) / MiB,
+                    "measured_total_mib": cat["Total"] / MiB,
+                    "planner_saved_fwd_mib": plan["detail"]["activations_saved_forward"] / MiB,
+                    "planner_activations_mib": plan["activations"] / MiB,
+                    "planner_total_mib": plan["total"] / MiB,
+                    "deepspeed_state": info.get("deepspeed"),
+                },
+            }
+        )
         print(f"  {name}: saved {acts.bytes / MiB:.1f} MiB, peak {cat['Total'] / MiB:.1f} MiB", flush=True)
     for _ in range(REPS):  # interleaved; CPU time of this one-thread process, so busy neighbours do not count
         for r in runs:
@@ -154,19 +204,20 @@ def step(model, opt, ids):
 
 # ============================================================================ 2. 8-bit optimizers
 def optimizer_rows(path: str, spec) -> list[dict]:
-    from dsrecipes.args import DataArguments
-    from dsrecipes.data import build_lm_datasets, byte_tokenizer
-    from dsrecipes.optim import build_optimizer
+    from dsrecipes.config.args import DataArguments
+    from dsrecipes.train.data import build_lm_datasets, byte_tokenizer
+    from dsrecipes.train.optimizers import build_optimizer
 
     data_args = DataArguments(block_size=128, generated_docs=S(600, 60), eval_docs=40)
     train, evl, _ = build_lm_datasets(data_args, byte_tokenizer())
-    batches = [train[i * 8:(i + 1) * 8]["input_ids"] for i in range(OPT_STEPS)]
-    eval_batches = [evl[i * 8:(i + 1) * 8]["input_ids"] for i in range(min(4, len(evl) // 8))]
+    batches = [train[i * 8 : (i + 1) * 8]["input_ids"] for i in range(OPT_STEPS)]
+    eval_batches = [evl[i * 8 : (i + 1) * 8]["input_ids"] for i in range(min(4, len(evl) // 8))]
     rows = []
     for name in ("adamw", "adamw_8bit", "torchao_adamw_8bit", "torchao_adamw_4bit"):
         model = build(path, seed=0)
-        args = types.SimpleNamespace(optimizer=name, learning_rate=2e-3, weight_decay=0.0, adam_beta1=0.9,
-                                     adam_beta2=0.95, adam_epsilon=1e-8)
+        args = types.SimpleNamespace(
+            optimizer=name, learning_rate=2e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8
+        )
         opt = build_optimizer(model, args)
         torch.manual_seed(1)
         step_times = []
@@ -179,15 +230,26 @@ def optimizer_rows(path: str, spec) -> list[dict]:
         model.eval()
         with torch.no_grad():
             eval_loss = statistics.fmean(model(input_ids=b, labels=b).loss.item() for b in eval_batches)
-        states = memory.model_state_bytes(model, opt)
+        states = measure.model_state_bytes(model, opt)
         dtypes = sorted({str(t.dtype) for st in opt.state.values() for v in st.values() for t in _inner(v)})
         plan = planner.plan_memory(spec, micro_batch=8, seq_len=128, precision="fp32", optimizer=name, device="cpu")
-        rows.append({"section": "optimizer", "technique": name, "optimizer_state_mib": states["optimizer_states"] / MiB,
-                     "state_dtypes": ",".join(dtypes), "opt_step_ms": 1000 * statistics.median(step_times[1:]),
-                     "final_eval_loss": eval_loss, "planner_optimizer_states_mib": plan["optimizer_states"] / MiB,
-                     "planner_vs_measured": rel(plan["optimizer_states"], states["optimizer_states"])})
-        print(f"  {name}: state {states['optimizer_states'] / MiB:.2f} MiB, step {rows[-1]['opt_step_ms']:.0f} ms, "
-              f"eval loss {eval_loss:.4f}", flush=True)
+        rows.append(
+            {
+                "section": "optimizer",
+                "technique": name,
+                "optimizer_state_mib": states["optimizer_states"] / MiB,
+                "state_dtypes": ",".join(dtypes),
+                "opt_step_ms": 1000 * statistics.median(step_times[1:]),
+                "final_eval_loss": eval_loss,
+                "planner_optimizer_states_mib": plan["optimizer_states"] / MiB,
+                "planner_vs_measured": rel(plan["optimizer_states"], states["optimizer_states"]),
+            }
+        )
+        print(
+            f"  {name}: state {states['optimizer_states'] / MiB:.2f} MiB, step {rows[-1]['opt_step_ms']:.0f} ms, "
+            f"eval loss {eval_loss:.4f}",
+            flush=True,
+        )
     base = rows[0]
     for r in rows:
         r["state_x"] = r["optimizer_state_mib"] / base["optimizer_state_mib"]
@@ -217,20 +279,63 @@ def zero_formula(psi: int, stage: int, n: int) -> float:
 def zero_rows(path: str, spec) -> list[dict]:
     rows = []
     runs = [(f"ZeRO-{s}", f"configs/deepspeed/zero{s}.json", "adamw") for s in (0, 1, 2, 3)]
-    runs += [("ZeRO-2 adamw_8bit", "configs/deepspeed/zero2.json", "adamw_8bit"),
-             ("ZeRO-3 adamw_8bit", "configs/deepspeed/zero3.json", "adamw_8bit")]
+    runs += [
+        ("ZeRO-2 adamw_8bit", "configs/deepspeed/zero2.json", "adamw_8bit"),
+        ("ZeRO-3 adamw_8bit", "configs/deepspeed/zero3.json", "adamw_8bit"),
+    ]
     for i, (name, ds, opt) in enumerate(runs):
         out = os.path.join(WORK, name.replace(" ", "_"))
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", "configs/accelerate/deepspeed_cpu_2proc.yaml",
-               "--num_processes", "2", "--main_process_port", str(29640 + i), "--num_cpu_threads_per_process", "1",
-               "--deepspeed_config_file", ds, "recipes/train_lm.py", "--config", "configs/recipes/train_tiny_zero2.yaml",
-               "--model_config", path, "--optimizer", opt, "--max_steps", str(ZERO_STEPS), "--block_size", str(ZSEQ),
-               "--per_device_train_batch_size", str(ZMICRO), "--generated_docs", "200", "--eval_docs", "20",
-               "--logging_steps", "1", "--eval_steps", "100000", "--max_eval_batches", "1", "--save_steps", "0",
-               "--export_final", "false", "--report_to", "none", "--warmup_steps", "1", "--output_dir", out]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   OMP_NUM_THREADS="1")
+        cmd = [
+            os.path.join(BIN, "accelerate"),
+            "launch",
+            "--config_file",
+            "configs/accelerate/deepspeed_cpu_2proc.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(29640 + i),
+            "--num_cpu_threads_per_process",
+            "1",
+            "--deepspeed_config_file",
+            ds,
+            "recipes/train_lm.py",
+            "--config",
+            "configs/recipes/train_tiny_zero2.yaml",
+            "--model_config",
+            path,
+            "--optimizer",
+            opt,
+            "--max_steps",
+            str(ZERO_STEPS),
+            "--block_size",
+            str(ZSEQ),
+            "--per_device_train_batch_size",
+            str(ZMICRO),
+            "--generated_docs",
+            "200",
+            "--eval_docs",
+            "20",
+            "--logging_steps",
+            "1",
+            "--eval_steps",
+            "100000",
+            "--max_eval_batches",
+            "1",
+            "--save_steps",
+            "0",
+            "--export_final",
+            "false",
+            "--report_to",
+            "none",
+            "--warmup_steps",
+            "1",
+            "--output_dir",
+            out,
+        ]
+        env = dict(
+            os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
+        )
         t0 = time.time()
         with open(out + ".log", "w") as log:
             rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -249,15 +354,37 @@ def zero_rows(path: str, spec) -> list[dict]:
         stage = summ["zero_stage"]
         states = at["parameters"] + at["gradients"] + at["optimizer_states"]
         measured_total = states + at["buffers"] + m["activation_bytes_per_micro_batch"]
-        plan = planner.plan_memory(spec, zero_stage=stage, gpus_per_node=2, micro_batch=ZMICRO, seq_len=ZSEQ,
-                                   precision="fp32", optimizer=opt, device="cpu") if not (stage == 3 and opt != "adamw") \
+        plan = (
+            planner.plan_memory(
+                spec,
+                zero_stage=stage,
+                gpus_per_node=2,
+                micro_batch=ZMICRO,
+                seq_len=ZSEQ,
+                precision="fp32",
+                optimizer=opt,
+                device="cpu",
+            )
+            if not (stage == 3 and opt != "adamw")
             else None
-        row = {"section": "zero", "technique": name, "zero_stage": stage, "optimizer": opt, "params": psi,
-               "params_mib": at["parameters"] / MiB, "grads_mib": at["gradients"] / MiB,
-               "optimizer_states_mib": at["optimizer_states"] / MiB, "model_states_mib": states / MiB,
-               "buffers_mib": at["buffers"] / MiB, "act_saved_fwd_mib": m["activation_bytes_per_micro_batch"] / MiB,
-               "measured_total_mib": measured_total / MiB, "peak_rss_mb": m["peak_rss_mb"], "wall_step_s": step_s,
-               "final_loss": summ["final_loss"]}
+        )
+        row = {
+            "section": "zero",
+            "technique": name,
+            "zero_stage": stage,
+            "optimizer": opt,
+            "params": psi,
+            "params_mib": at["parameters"] / MiB,
+            "grads_mib": at["gradients"] / MiB,
+            "optimizer_states_mib": at["optimizer_states"] / MiB,
+            "model_states_mib": states / MiB,
+            "buffers_mib": at["buffers"] / MiB,
+            "act_saved_fwd_mib": m["activation_bytes_per_micro_batch"] / MiB,
+            "measured_total_mib": measured_total / MiB,
+            "peak_rss_mb": m["peak_rss_mb"],
+            "wall_step_s": step_s,
+            "final_loss": summ["final_loss"],
+        }
         if opt == "adamw":
             row["formula_model_states_mib"] = zero_formula(psi, stage, 2) / MiB
             row["formula_dev"] = rel(states, zero_formula(psi, stage, 2))
@@ -287,59 +414,121 @@ def main() -> int:
     rows = ck + op + zr
 
     by = {r["technique"]: r for r in rows}
-    k_sqrt = memory.default_every_k(LAYERS)
+    k_sqrt = activation_checkpointing.default_every_k(LAYERS)
     full, sel = by["full"], next(r for r in ck if r["every_k"] == k_sqrt)
-    bnb, fp32 = by["adamw_8bit"], by["adamw"]
+    bnb = by["adamw_8bit"]
     targets = [
-        target(f"full checkpointing: activation bytes saved for backward, none / full ({LAYERS} layers)",
-               round(full["act_saved_reduction_x"], 2), ">= 8x", full["act_saved_reduction_x"] >= 8),
+        target(
+            f"full checkpointing: activation bytes saved for backward, none / full ({LAYERS} layers)",
+            round(full["act_saved_reduction_x"], 2),
+            ">= 8x",
+            full["act_saved_reduction_x"] >= 8,
+        ),
         target("full checkpointing: step time vs none", round(full["time_x"], 3), "<= 1.35x", full["time_x"] <= 1.35),
-        target(f"selective (every_k, k={k_sqrt}): activation bytes saved for backward, none / every_k",
-               round(sel["act_saved_reduction_x"], 2), ">= 3x", sel["act_saved_reduction_x"] >= 3),
-        target(f"selective (every_k, k={k_sqrt}): step time vs none", round(sel["time_x"], 3), "<= 1.10x",
-               sel["time_x"] <= 1.10),
-        target("bitsandbytes AdamW8bit state / fp32 AdamW state", round(bnb["state_x"], 4), "<= 0.26x",
-               bnb["state_x"] <= 0.26),
-        target(f"bitsandbytes AdamW8bit final eval loss vs fp32 AdamW ({OPT_STEPS} steps)", round(bnb["loss_rel"], 4),
-               "within 1%", abs(bnb["loss_rel"]) <= 0.01),
+        target(
+            f"selective (every_k, k={k_sqrt}): activation bytes saved for backward, none / every_k",
+            round(sel["act_saved_reduction_x"], 2),
+            ">= 3x",
+            sel["act_saved_reduction_x"] >= 3,
+        ),
+        target(
+            f"selective (every_k, k={k_sqrt}): step time vs none",
+            round(sel["time_x"], 3),
+            "<= 1.10x",
+            sel["time_x"] <= 1.10,
+        ),
+        target(
+            "bitsandbytes AdamW8bit state / fp32 AdamW state",
+            round(bnb["state_x"], 4),
+            "<= 0.26x",
+            bnb["state_x"] <= 0.26,
+        ),
+        target(
+            f"bitsandbytes AdamW8bit final eval loss vs fp32 AdamW ({OPT_STEPS} steps)",
+            round(bnb["loss_rel"], 4),
+            "within 1%",
+            abs(bnb["loss_rel"]) <= 0.01,
+        ),
     ]
     for r in zr:
         if r["optimizer"] == "adamw" and r["zero_stage"] in (1, 2, 3):
-            targets.append(target(f"ZeRO-{r['zero_stage']} per-rank model states vs formula (2 ranks)",
-                                  round(r["formula_dev"], 4), "within 5%", abs(r["formula_dev"]) <= 0.05))
+            targets.append(
+                target(
+                    f"ZeRO-{r['zero_stage']} per-rank model states vs formula (2 ranks)",
+                    round(r["formula_dev"], 4),
+                    "within 5%",
+                    abs(r["formula_dev"]) <= 0.05,
+                )
+            )
     compared = [r for r in rows if "planner_vs_measured" in r]
     worst = max(compared, key=lambda r: abs(r["planner_vs_measured"]))
-    targets.append(target(f"planner total vs measured, worst of {len(compared)} rows ({worst['technique']})",
-                          round(worst["planner_vs_measured"], 4), "within 10%", abs(worst["planner_vs_measured"]) <= 0.10))
+    targets.append(
+        target(
+            f"planner total vs measured, worst of {len(compared)} rows ({worst['technique']})",
+            round(worst["planner_vs_measured"], 4),
+            "within 10%",
+            abs(worst["planner_vs_measured"]) <= 0.10,
+        )
+    )
     missed = [t for t in targets if not t["met"]]
-    notes = (f"One run, {time.time() - t_start:.0f} s. Activation rows: GPT-2 {LAYERS}x{HIDDEN} (dropout 0.1), micro-batch "
-             f"{MICRO}x{SEQ}, fp32, one process with 1 thread; step_s and opt_step_ms are this process's CPU time "
-             "(median of interleaved steps; wall time on a shared machine is noise); 'act_saved_fwd' = bytes autograd keeps for backward "
-             "during the forward (saved-tensor hooks, once per storage, parameters excluded; DeepSpeed's checkpoint "
-             "keeps its input outside autograd and is counted by dsrecipes.memory); 'measured_total' = peak tensor bytes "
-             "of a whole training step (params, grads, Adam state, activations, temporaries; torch MemTracker); "
-             "'act_peak' = that peak minus model states, so it includes the recompute of one block (full) or one "
-             "segment (every_k) and the logits' temporaries. every_k keeps the input of every k-th block and recomputes "
-             "each k-block segment in backward (Chen et al. 2016): every block is recomputed once, so it costs what full "
-             "checkpointing costs; what k buys is memory (n/k kept inputs + k blocks recomputed at once). "
-             f"Optimizer rows: GPT-2 4x{HIDDEN}, {OPT_STEPS} steps of 8x128 tokens on the generated corpus, same batches; "
-             "torchao quantizes only tensors of >= 4096 values that are a multiple of its block, so small tensors keep "
-             f"fp32 state. ZeRO rows: recipes/train_lm.py, GPT-2 4x{HIDDEN}, micro-batch {ZMICRO}x{ZSEQ}, 2 ranks x 1 "
-             "thread, states read at the second optimizer step (the larger of: before the gradient reduction, before "
-             "the step); measured_total = model states + ZeRO buffers + activations saved for backward; formula = "
-             "ZeRO paper with 4-byte params/grads and K = 12 (DeepSpeed clones an fp32 master partition, also in fp32 "
-             "training) or 8 (ZeRO-0); their wall_step_s is wall time on a shared machine, indicative only. The "
-             "planner refuses 8-bit optimizers under ZeRO-3, so that row has no prediction. "
-             + (f"Missed: {', '.join(t['name'] + ' = ' + str(t['value']) for t in missed)}." if missed else
-                "All targets met."))
-    columns = ["section", "technique", "act_saved_fwd_mib", "act_peak_mib", "act_saved_reduction_x",
-               "act_peak_reduction_x", "step_s", "time_x", "optimizer_state_mib", "state_x", "state_dtypes",
-               "opt_step_ms", "step_time_x", "final_eval_loss", "loss_rel", "params_mib", "grads_mib",
-               "optimizer_states_mib", "model_states_mib", "formula_model_states_mib", "formula_dev",
-               "measured_total_mib", "planner_total_mib", "planner_optimizer_states_mib", "planner_vs_measured",
-               "wall_step_s", "peak_rss_mb"]
-    write_results("memory", rows, targets, plot=plot(ck, op, zr), columns=columns, notes=notes,
-                  command="make bench-memory")
+    notes = (
+        f"One run, {time.time() - t_start:.0f} s. Activation rows: GPT-2 {LAYERS}x{HIDDEN} (dropout 0.1), micro-batch "
+        f"{MICRO}x{SEQ}, fp32, one process with 1 thread; step_s and opt_step_ms are this process's CPU time "
+        "(median of interleaved steps; wall time on a shared machine is noise); 'act_saved_fwd' = bytes autograd keeps "
+        "for backward "
+        "during the forward (saved-tensor hooks, once per storage, parameters excluded; DeepSpeed's checkpoint "
+        "keeps its input outside autograd and is counted by dsrecipes.memory); 'measured_total' = peak tensor bytes "
+        "of a whole training step (params, grads, Adam state, activations, temporaries; torch MemTracker); "
+        "'act_peak' = that peak minus model states, so it includes the recompute of one block (full) or one "
+        "segment (every_k) and the logits' temporaries. every_k keeps the input of every k-th block and recomputes "
+        "each k-block segment in backward (Chen et al. 2016): every block is recomputed once, so it costs what full "
+        "checkpointing costs; what k buys is memory (n/k kept inputs + k blocks recomputed at once). "
+        f"Optimizer rows: GPT-2 4x{HIDDEN}, {OPT_STEPS} steps of 8x128 tokens on the generated corpus, same batches; "
+        "torchao quantizes only tensors of >= 4096 values that are a multiple of its block, so small tensors keep "
+        f"fp32 state. ZeRO rows: recipes/train_lm.py, GPT-2 4x{HIDDEN}, micro-batch {ZMICRO}x{ZSEQ}, 2 ranks x 1 "
+        "thread, states read at the second optimizer step (the larger of: before the gradient reduction, before "
+        "the step); measured_total = model states + ZeRO buffers + activations saved for backward; formula = "
+        "ZeRO paper with 4-byte params/grads and K = 12 (DeepSpeed clones an fp32 master partition, also in fp32 "
+        "training) or 8 (ZeRO-0); their wall_step_s is wall time on a shared machine, indicative only. The "
+        "planner refuses 8-bit optimizers under ZeRO-3, so that row has no prediction. "
+        + (
+            f"Missed: {', '.join(t['name'] + ' = ' + str(t['value']) for t in missed)}."
+            if missed
+            else "All targets met."
+        )
+    )
+    columns = [
+        "section",
+        "technique",
+        "act_saved_fwd_mib",
+        "act_peak_mib",
+        "act_saved_reduction_x",
+        "act_peak_reduction_x",
+        "step_s",
+        "time_x",
+        "optimizer_state_mib",
+        "state_x",
+        "state_dtypes",
+        "opt_step_ms",
+        "step_time_x",
+        "final_eval_loss",
+        "loss_rel",
+        "params_mib",
+        "grads_mib",
+        "optimizer_states_mib",
+        "model_states_mib",
+        "formula_model_states_mib",
+        "formula_dev",
+        "measured_total_mib",
+        "planner_total_mib",
+        "planner_optimizer_states_mib",
+        "planner_vs_measured",
+        "wall_step_s",
+        "peak_rss_mb",
+    ]
+    write_results(
+        "memory", rows, targets, plot=plot(ck, op, zr), columns=columns, notes=notes, command="make bench-memory"
+    )
     for t in targets:
         print(f"  {'met ' if t['met'] else 'MISS'} {t['name']}: {t['value']} (goal {t['goal']})")
     print(f"wrote docs/results/memory.{{md,json,png}} in {time.time() - t_start:.0f} s")
@@ -356,24 +545,51 @@ def plot(ck, op, zr):
             color = "C1" if r["mode"] == "every_k" else "C2" if r["mode"] == "deepspeed" else "C0"
             ax.scatter(r["step_s"], r["measured_total_mib"], color=color)
             lift = 0 if r["mode"] in ("none", "every_k") else 12 * (i % 4)  # full/deepspeed points coincide
-            ax.annotate(r["technique"], (r["step_s"], r["measured_total_mib"]), fontsize=7, xytext=(3, 3 + lift),
-                        textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.4} if lift else None)
+            ax.annotate(
+                r["technique"],
+                (r["step_s"], r["measured_total_mib"]),
+                fontsize=7,
+                xytext=(3, 3 + lift),
+                textcoords="offset points",
+                arrowprops={"arrowstyle": "-", "lw": 0.4} if lift else None,
+            )
         ev = sorted((r for r in ck if r["mode"] == "every_k"), key=lambda r: r["every_k"])
         ax.plot([r["step_s"] for r in ev], [r["measured_total_mib"] for r in ev], color="C1", lw=0.8)
-        ax.set(xlabel="step CPU time (s, 1 thread)", ylabel="peak tensor memory of a step (MiB)",
-               title=f"checkpointing, GPT-2 {LAYERS}x{HIDDEN}, {MICRO}x{SEQ} tokens")
+        ax.set(
+            xlabel="step CPU time (s, 1 thread)",
+            ylabel="peak tensor memory of a step (MiB)",
+            title=f"checkpointing, GPT-2 {LAYERS}x{HIDDEN}, {MICRO}x{SEQ} tokens",
+        )
         ax = axes[1]
         for r in op:
             ax.scatter(r["opt_step_ms"], r["optimizer_state_mib"])
-            ax.annotate(r["technique"], (r["opt_step_ms"], r["optimizer_state_mib"]), fontsize=8, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set(xlabel="optimizer step CPU time (ms, 1 thread)", ylabel="optimizer state (MiB)", title=f"optimizers, GPT-2 4x{HIDDEN}")
+            ax.annotate(
+                r["technique"],
+                (r["opt_step_ms"], r["optimizer_state_mib"]),
+                fontsize=8,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.set(
+            xlabel="optimizer step CPU time (ms, 1 thread)",
+            ylabel="optimizer state (MiB)",
+            title=f"optimizers, GPT-2 4x{HIDDEN}",
+        )
         ax = axes[2]
         for r in zr:
             ax.scatter(r["wall_step_s"], r["model_states_mib"])
-            ax.annotate(r["technique"], (r["wall_step_s"], r["model_states_mib"]), fontsize=8, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set(xlabel="wall step time (s, 2 ranks, shared machine)", ylabel="model states per rank (MiB)", title="ZeRO stages, 2 ranks")
+            ax.annotate(
+                r["technique"],
+                (r["wall_step_s"], r["model_states_mib"]),
+                fontsize=8,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.set(
+            xlabel="wall step time (s, 2 ranks, shared machine)",
+            ylabel="model states per rank (MiB)",
+            title="ZeRO stages, 2 ranks",
+        )
         for ax in axes:
             ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -5,7 +5,7 @@ Run:  make bench-serve      (= .venv/bin/python benchmarks/bench_serve.py; BENCH
 Produces: docs/results/serving.{md,json,png} (machine, versions, rows, targets) via dsrecipes.results; work files
 (model dirs built from configs, server logs, loadgen JSON) under outputs/bench_serve/.
 
-What runs (servers are real recipes/serve.py processes on free loopback ports, driven by dsrecipes.loadgen):
+What runs (servers are real recipes/serve.py processes on free loopback ports, driven by dsrecipes.serve.loadgen):
 Every server runs 1 torch thread per process (the load generator shares the 2 cores); the int8 section 1 thread.
 1. batching: GPT-2 8x256 (configs/models/gpt2_8x256.json) and GPT-2 4x128 (configs/models/tiny_gpt2.json, the
    `make train` model) served with max_batch_size 1 (batch-1) and 32 (dynamic + iteration-level batching),
@@ -26,6 +26,7 @@ Every server runs 1 torch thread per process (the load generator shares the 2 co
 4. load: the dynamic server plus a small encoder, 60 s of mixed traffic (streamed completions at concurrency 12,
    uniform 8-64 new tokens, and embeddings at 10 requests/s). Target: zero failed requests.
 """
+
 import json
 import os
 import shutil
@@ -40,8 +41,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.chdir(ROOT)
-from dsrecipes import loadgen  # noqa: E402
 from dsrecipes.results import target, write_results  # noqa: E402
+from dsrecipes.serve import loadgen  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 WORK = os.path.join(ROOT, "outputs", "bench_serve")
@@ -52,30 +53,63 @@ LOAD_S = 10 if QUICK else 60
 
 # ----------------------------------------------------------------------------- models built from configs
 def build_models() -> dict:
-    from transformers import (AutoModelForCausalLM, BertConfig, BertModel, BertTokenizerFast, GPT2Config,
-                              GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        AutoModelForCausalLM,
+        BertConfig,
+        BertModel,
+        BertTokenizerFast,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
-    from dsrecipes.data import byte_tokenizer
-    from dsrecipes.models import load_model_config
+    from dsrecipes.train.data import byte_tokenizer
+    from dsrecipes.train.models import load_model_config
 
     tok = byte_tokenizer()
     ids = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?") + \
-        ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?")
+        + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    )
     btok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
     specs = {
         "tiny_gpt2": lambda: AutoModelForCausalLM.from_config(load_model_config("configs/models/tiny_gpt2.json", tok)),
-        "gpt2_8x256": lambda: AutoModelForCausalLM.from_config(load_model_config("configs/models/gpt2_8x256.json", tok)),
-        "gpt2_6x768": lambda: GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=768, n_head=12, n_positions=512,
-                                                         vocab_size=len(tok), **ids)),
-        "bert_6x768": lambda: BertModel(BertConfig(num_hidden_layers=6, hidden_size=768, num_attention_heads=12,
-                                                   intermediate_size=3072, vocab_size=30522)),
-        "bert_tiny": lambda: BertModel(BertConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=4,
-                                                  intermediate_size=256, vocab_size=len(vocab))),
-        "llama_4x512": lambda: LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=512, intermediate_size=1536,
-                                                            num_attention_heads=8, num_key_value_heads=8,
-                                                            max_position_embeddings=512, vocab_size=len(tok),
-                                                            tie_word_embeddings=False, **ids)),
+        "gpt2_8x256": lambda: AutoModelForCausalLM.from_config(
+            load_model_config("configs/models/gpt2_8x256.json", tok)
+        ),
+        "gpt2_6x768": lambda: GPT2LMHeadModel(
+            GPT2Config(n_layer=6, n_embd=768, n_head=12, n_positions=512, vocab_size=len(tok), **ids)
+        ),
+        "bert_6x768": lambda: BertModel(
+            BertConfig(
+                num_hidden_layers=6, hidden_size=768, num_attention_heads=12, intermediate_size=3072, vocab_size=30522
+            )
+        ),
+        "bert_tiny": lambda: BertModel(
+            BertConfig(
+                num_hidden_layers=2,
+                hidden_size=128,
+                num_attention_heads=4,
+                intermediate_size=256,
+                vocab_size=len(vocab),
+            )
+        ),
+        "llama_4x512": lambda: LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=4,
+                hidden_size=512,
+                intermediate_size=1536,
+                num_attention_heads=8,
+                num_key_value_heads=8,
+                max_position_embeddings=512,
+                vocab_size=len(tok),
+                tie_word_embeddings=False,
+                **ids,
+            )
+        ),
     }
     out = {}
     for name, make in specs.items():
@@ -102,8 +136,12 @@ class Server:
         env.pop("DSRECIPES_API_KEY", None)
         # 1 torch thread per server process (TP: 1 per rank): the load generator needs the other core
         args = [*args, "--num_threads", "1"]
-        self.proc = subprocess.Popen((launcher or [sys.executable]) + ["recipes/serve.py", "--port", "0", *args],
-                                     stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            (launcher or [sys.executable]) + ["recipes/serve.py", "--port", "0", *args],
+            stdout=open(self.log_path, "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         deadline, self.url = time.time() + 300, None
         while self.url is None:
             for line in open(self.log_path):
@@ -133,8 +171,12 @@ def greedy_texts(url: str, prompts: list[str], n: int) -> list[str]:
     import httpx
 
     with httpx.Client(base_url=url, timeout=300, trust_env=False) as c:
-        return [c.post("/v1/completions", json={"prompt": p, "max_tokens": n, "temperature": 0}).json()["choices"][0]["text"]
-                for p in prompts]
+        return [
+            c.post("/v1/completions", json={"prompt": p, "max_tokens": n, "temperature": 0}).json()["choices"][0][
+                "text"
+            ]
+            for p in prompts
+        ]
 
 
 PROMPTS = ["kolem dasi fupatu", "ba mi teko", "z", "lanu bafe ripo gasu delo vana", "fu", "ramo kise vo pa"]
@@ -149,22 +191,31 @@ def bench_batching(models) -> list[dict]:
     each), so a load change on this shared machine hits batch-1 and dynamic alike. Records of the halves merge."""
     import asyncio
 
-    modes = {"batch-1": ["--max_batch_size", "1", "--max_wait_ms", "0"],
-             "dynamic": ["--max_batch_size", "32", "--max_wait_ms", "10"]}
+    modes = {
+        "batch-1": ["--max_batch_size", "1", "--max_wait_ms", "0"],
+        "dynamic": ["--max_batch_size", "32", "--max_wait_ms", "10"],
+    }
     rows = []
     for key, label in BATCH_MODELS.items():
-        servers = {m: Server(f"batching_{key}_{m}", ["--config", "configs/recipes/serve_cpu.yaml",
-                                                    "--model_name_or_path", models[key], *flags])
-                   for m, flags in modes.items()}
+        servers = {
+            m: Server(
+                f"batching_{key}_{m}",
+                ["--config", "configs/recipes/serve_cpu.yaml", "--model_name_or_path", models[key], *flags],
+            )
+            for m, flags in modes.items()
+        }
         try:
             for srv in servers.values():
                 drive(srv.url, [("concurrency", 4)], requests=8)  # warm-up
             for c in (1, 4, 16, 32):
                 records, seconds = {m: [] for m in modes}, {m: 0.0 for m in modes}
                 for i, m in enumerate(["batch-1", "dynamic", "dynamic", "batch-1"]):
-                    cfg = loadgen.make_config(servers[m].url, duration=LEVEL_S / 2, prompt_len="uniform:16:64",
-                                              max_tokens=32, seed=c * 10 + i)
-                    seconds[m] += asyncio.run(loadgen.run_level(cfg, "concurrency", c, c * 10 + i, records[m]))["duration_s"]
+                    cfg = loadgen.make_config(
+                        servers[m].url, duration=LEVEL_S / 2, prompt_len="uniform:16:64", max_tokens=32, seed=c * 10 + i
+                    )
+                    seconds[m] += asyncio.run(loadgen.run_level(cfg, "concurrency", c, c * 10 + i, records[m]))[
+                        "duration_s"
+                    ]
                 for m in modes:
                     r = loadgen.summarize(records[m], seconds[m], "concurrency", c)
                     rows.append({"section": "batching", "mode": m, "model": label, **_load_row(r)})
@@ -175,14 +226,25 @@ def bench_batching(models) -> list[dict]:
 
 
 def _load_row(r: dict) -> dict:
-    keys = ("concurrency", "rate", "requests", "errors", "req_per_s", "tokens_per_s", "latency_p50_s",
-            "latency_p95_s", "latency_p99_s", "ttft_p50_s", "ttft_p95_s")
+    keys = (
+        "concurrency",
+        "rate",
+        "requests",
+        "errors",
+        "req_per_s",
+        "tokens_per_s",
+        "latency_p50_s",
+        "latency_p95_s",
+        "latency_p99_s",
+        "ttft_p50_s",
+        "ttft_p95_s",
+    )
     return {k: r[k] for k in keys if k in r}
 
 
 # ----------------------------------------------------------------------------- 2. int8
 def _args(**kw):
-    from dsrecipes.args import RECIPES, parse_args
+    from dsrecipes.config.args import RECIPES, parse_args
 
     return parse_args(RECIPES["serve"], [x for k, v in kw.items() for x in (f"--{k}", str(v))])[0]
 
@@ -207,16 +269,22 @@ def real_encoder_dir() -> str | None:
     return os.path.join(os.path.dirname(spec.origin), "model") if spec else None
 
 
-SENTENCES = ["The cat sat on the mat.", "A man is playing a guitar on stage.", "How do I reset my password?",
-             "Stock markets fell sharply today after the announcement.", "The weather is lovely this afternoon.",
-             "Quantum computers use qubits instead of bits.", "She bought fresh bread at the bakery.",
-             "Neural networks learn representations from data."]
+SENTENCES = [
+    "The cat sat on the mat.",
+    "A man is playing a guitar on stage.",
+    "How do I reset my password?",
+    "Stock markets fell sharply today after the announcement.",
+    "The weather is lovely this afternoon.",
+    "Quantum computers use qubits instead of bits.",
+    "She bought fresh bread at the bakery.",
+    "Neural networks learn representations from data.",
+]
 
 
 def _bench_int8(models) -> list[dict]:
-    from dsrecipes.data import generated_corpus
-    from dsrecipes.generation import Engine, GenParams
-    from dsrecipes.inference import cosine, embed, load_encoder, load_lm, top1_agreement
+    from dsrecipes.serve.engine import Engine, GenParams
+    from dsrecipes.serve.loading import cosine, embed, load_encoder, load_lm, top1_agreement
+    from dsrecipes.train.data import generated_corpus
 
     variants = ["none", "torch_int8_dynamic", "torchao_int8_weight_only", "torchao_int8_dynamic"]
     texts = generated_corpus(8, 1234, 99)
@@ -269,20 +337,42 @@ def _bench_int8(models) -> list[dict]:
         g, e = statistics.median(times[("gen", v)]), statistics.median(times[("emb", v)])
         g0, e0 = statistics.median(times[("gen", "none")]), statistics.median(times[("emb", "none")])
         same = sum(a == b for a, b in zip(outs[("gen", v)], ref_seqs)) / len(ref_seqs)
-        rows.append({"section": "int8", "model": "GPT-2 6x768 (43M)", "quantization": v,
-                     "tokens_per_s": len(prompts) * n_new / g, "speedup": g0 / g,
-                     "greedy_top1_agreement": top1_agreement(lm["none"][0], lm[v][0], ref_seqs, start=n_prompt),
-                     "greedy_exact_match": same, "timed_runs": len(times[("gen", v)])})
-        rows.append({"section": "int8", "model": "BERT 6x768 encoder (67M)", "quantization": v,
-                     "tokens_per_s": sum(len(x) for x in enc_ids) / e, "speedup": e0 / e,
-                     "embedding_cosine_min": cosine(ref_vec, outs[("emb", v)]).min().item(),
-                     "timed_runs": len(times[("emb", v)])})
+        rows.append(
+            {
+                "section": "int8",
+                "model": "GPT-2 6x768 (43M)",
+                "quantization": v,
+                "tokens_per_s": len(prompts) * n_new / g,
+                "speedup": g0 / g,
+                "greedy_top1_agreement": top1_agreement(lm["none"][0], lm[v][0], ref_seqs, start=n_prompt),
+                "greedy_exact_match": same,
+                "timed_runs": len(times[("gen", v)]),
+            }
+        )
+        rows.append(
+            {
+                "section": "int8",
+                "model": "BERT 6x768 encoder (67M)",
+                "quantization": v,
+                "tokens_per_s": sum(len(x) for x in enc_ids) / e,
+                "speedup": e0 / e,
+                "embedding_cosine_min": cosine(ref_vec, outs[("emb", v)]).min().item(),
+                "timed_runs": len(times[("emb", v)]),
+            }
+        )
         if real_dir:
             r, r0 = statistics.median(times[("real", v)]), statistics.median(times[("real", "none")])
-            rows.append({"section": "int8", "model": REAL_ENCODER, "quantization": v, "speedup": r0 / r,
-                         "tokens_per_s": None,
-                         "embedding_cosine_min": cosine(outs[("real", "none")], outs[("real", v)]).min().item(),
-                         "timed_runs": len(times[("real", v)])})
+            rows.append(
+                {
+                    "section": "int8",
+                    "model": REAL_ENCODER,
+                    "quantization": v,
+                    "speedup": r0 / r,
+                    "tokens_per_s": None,
+                    "embedding_cosine_min": cosine(outs[("real", "none")], outs[("real", v)]).min().item(),
+                    "timed_runs": len(times[("real", v)]),
+                }
+            )
     return rows
 
 
@@ -295,23 +385,39 @@ def bench_tp(models) -> list[dict]:
     import asyncio
 
     torchrun = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    setups = {"hf": ([], None), "deepspeed tp=1": (["--engine", "deepspeed"], None),
-              "deepspeed tp=2": (["--config", "configs/recipes/serve_tp2_cpu.yaml"], torchrun)}
+    setups = {
+        "hf": ([], None),
+        "deepspeed tp=1": (["--engine", "deepspeed"], None),
+        "deepspeed tp=2": (["--config", "configs/recipes/serve_tp2_cpu.yaml"], torchrun),
+    }
     servers, rows = {}, []
     try:
         for name, (flags, launcher) in setups.items():
-            servers[name] = Server(name.replace(" ", "_").replace("=", ""), ["--model_name_or_path", models["llama_4x512"],
-                                                                             "--max_batch_size", "16", *flags], launcher)
+            servers[name] = Server(
+                name.replace(" ", "_").replace("=", ""),
+                ["--model_name_or_path", models["llama_4x512"], "--max_batch_size", "16", *flags],
+                launcher,
+            )
         texts = {name: greedy_texts(srv.url, PROMPTS, 16) for name, srv in servers.items()}
         records, seconds = {n: [] for n in setups}, {n: 0.0 for n in setups}
         order = list(setups) + list(setups)[::-1]
         for i, name in enumerate(order):
-            cfg = loadgen.make_config(servers[name].url, duration=LEVEL_S / 2, prompt_len="uniform:16:64", max_tokens=32)
+            cfg = loadgen.make_config(
+                servers[name].url, duration=LEVEL_S / 2, prompt_len="uniform:16:64", max_tokens=32
+            )
             seconds[name] += asyncio.run(loadgen.run_level(cfg, "concurrency", 8, i, records[name]))["duration_s"]
         for name, (_, launcher) in setups.items():
             r = loadgen.summarize(records[name], seconds[name], "concurrency", 8)
-            rows.append({"section": "init_inference", "mode": name, "model": "Llama 4x512 (13M)",
-                         "processes": 2 if launcher else 1, **_load_row(r), "greedy_same_as_hf": texts[name] == texts["hf"]})
+            rows.append(
+                {
+                    "section": "init_inference",
+                    "mode": name,
+                    "model": "Llama 4x512 (13M)",
+                    "processes": 2 if launcher else 1,
+                    **_load_row(r),
+                    "greedy_same_as_hf": texts[name] == texts["hf"],
+                }
+            )
     finally:
         for srv in servers.values():
             srv.stop()
@@ -322,25 +428,62 @@ def bench_tp(models) -> list[dict]:
 def bench_load(models) -> list[dict]:
     import asyncio
 
-    srv = Server("load", ["--config", "configs/recipes/serve_cpu.yaml", "--model_name_or_path", models["tiny_gpt2"],
-                          "--embedding_model_name_or_path", models["bert_tiny"], "--max_batch_size", "32"])
+    srv = Server(
+        "load",
+        [
+            "--config",
+            "configs/recipes/serve_cpu.yaml",
+            "--model_name_or_path",
+            models["tiny_gpt2"],
+            "--embedding_model_name_or_path",
+            models["bert_tiny"],
+            "--max_batch_size",
+            "32",
+        ],
+    )
     try:
-        comp = loadgen.make_config(srv.url, levels=[("concurrency", 12)], duration=LOAD_S, stream=True,
-                                   prompt_len="uniform:8:96", max_tokens="uniform:8:64", temperature=0.8)
-        emb = loadgen.make_config(srv.url, endpoint="embeddings", levels=[("rate", 10.0)], duration=LOAD_S,
-                                  prompt_len="uniform:8:96", inputs_per_request=2)
+        comp = loadgen.make_config(
+            srv.url,
+            levels=[("concurrency", 12)],
+            duration=LOAD_S,
+            stream=True,
+            prompt_len="uniform:8:96",
+            max_tokens="uniform:8:64",
+            temperature=0.8,
+        )
+        emb = loadgen.make_config(
+            srv.url,
+            endpoint="embeddings",
+            levels=[("rate", 10.0)],
+            duration=LOAD_S,
+            prompt_len="uniform:8:96",
+            inputs_per_request=2,
+        )
 
         async def both():
             return await asyncio.gather(loadgen.run_levels(comp), loadgen.run_levels(emb))
+
         (c,), (e,) = asyncio.run(both())
         with open(os.path.join(WORK, "load_60s.json"), "w") as fh:
             json.dump({"completions": c, "embeddings": e}, fh, indent=2)
     finally:
         code = srv.stop()
-    return [{"section": "load", "mode": "completions (stream)", "duration_s": c["duration_s"], **_load_row(c),
-             "server_exit_code": code},
-            {"section": "load", "mode": "embeddings", "duration_s": e["duration_s"], **_load_row(e),
-             "server_exit_code": code}]
+    return [
+        {
+            "section": "load",
+            "mode": "completions (stream)",
+            "duration_s": c["duration_s"],
+            **_load_row(c),
+            "server_exit_code": code,
+        },
+        {
+            "section": "load",
+            "mode": "embeddings",
+            "duration_s": e["duration_s"],
+            **_load_row(e),
+            "server_exit_code": code,
+        },
+    ]
 
 
 # ----------------------------------------------------------------------------- results
@@ -359,9 +502,14 @@ def main():
 
     def pick(**kw):
         return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+
     def batching_ratio(label):
         b1 = pick(section="batching", mode="batch-1", concurrency=32, model=label)[0]
-        return pick(section="batching", mode="dynamic", concurrency=32, model=label)[0]["tokens_per_s"] / b1["tokens_per_s"]
+        return (
+            pick(section="batching", mode="dynamic", concurrency=32, model=label)[0]["tokens_per_s"]
+            / b1["tokens_per_s"]
+        )
+
     main_label, tiny_label = BATCH_MODELS["gpt2_8x256"], BATCH_MODELS["tiny_gpt2"]
     batching_x, tiny_x = batching_ratio(main_label), batching_ratio(tiny_label)
     lm_q = [r for r in pick(section="int8", model="GPT-2 6x768 (43M)") if r["quantization"] != "none"]
@@ -376,28 +524,73 @@ def main():
     load = pick(section="load")
     failed = sum(r["errors"] for r in load)
     targets = [
-        target(f"dynamic batching vs batch-1, tokens/s at concurrency 32, {main_label}", round(batching_x, 2), ">= 4x",
-               batching_x >= 4),
-        target(f"int8 generation speedup, GPT-2 6x768 ({best_lm['quantization']}, greedy top-1 agreement "
-               f"{best_lm['greedy_top1_agreement']:.3f})", round(best_lm["speedup"], 2), ">= 2x", best_lm["speedup"] >= 2),
-        target(f"int8 embedding speedup at cosine >= 0.99, BERT 6x768 ({best_enc['quantization']}; worst cosine "
-               f"over the encoders measured {cos[best_enc['quantization']]:.4f})", round(best_enc["speedup"], 2),
-               ">= 2x at cosine >= 0.99", best_enc["speedup"] >= 2 and cos[best_enc["quantization"]] >= 0.99),
-        target(f"failed requests in {LOAD_S} s of mixed load ({sum(r['requests'] for r in load)} requests)", failed,
-               "0", failed == 0 and all(r["requests"] > 0 for r in load)),
+        target(
+            f"dynamic batching vs batch-1, tokens/s at concurrency 32, {main_label}",
+            round(batching_x, 2),
+            ">= 4x",
+            batching_x >= 4,
+        ),
+        target(
+            f"int8 generation speedup, GPT-2 6x768 ({best_lm['quantization']}, greedy top-1 agreement "
+            f"{best_lm['greedy_top1_agreement']:.3f})",
+            round(best_lm["speedup"], 2),
+            ">= 2x",
+            best_lm["speedup"] >= 2,
+        ),
+        target(
+            f"int8 embedding speedup at cosine >= 0.99, BERT 6x768 ({best_enc['quantization']}; worst cosine "
+            f"over the encoders measured {cos[best_enc['quantization']]:.4f})",
+            round(best_enc["speedup"], 2),
+            ">= 2x at cosine >= 0.99",
+            best_enc["speedup"] >= 2 and cos[best_enc["quantization"]] >= 0.99,
+        ),
+        target(
+            f"failed requests in {LOAD_S} s of mixed load ({sum(r['requests'] for r in load)} requests)",
+            failed,
+            "0",
+            failed == 0 and all(r["requests"] > 0 for r in load),
+        ),
     ]
     tp = pick(section="init_inference")
-    notes = (f"Wall time {time.time() - t0:.0f} s. Random weights (built from configs; no downloads). Dynamic vs "
-             f"batch-1 at concurrency 32 for {tiny_label}: {tiny_x:.2f}x (beside the target's "
-             "GPT-2 8x256: the smaller the forward, the larger the share of per-step overheads). Speed ratios "
-             "are measured in this run on a shared 2-core CPU; the int8 and TP rows share the cores with nothing "
-             "else of ours, the HTTP rows share them with the load generator. init_inference: greedy outputs "
-             f"identical to engine hf: {[r['mode'] for r in tp if r['greedy_same_as_hf']]}.")
-    cols = ["section", "mode", "model", "quantization", "concurrency", "rate", "processes", "requests", "errors",
-            "req_per_s", "tokens_per_s", "speedup", "latency_p50_s", "latency_p95_s", "latency_p99_s", "ttft_p50_s",
-            "greedy_top1_agreement", "greedy_exact_match", "embedding_cosine_min", "greedy_same_as_hf"]
-    write_results("serving", rows, targets, plot=lambda path: plot(rows, path), columns=cols, notes=notes,
-                  command="make bench-serve")
+    notes = (
+        f"Wall time {time.time() - t0:.0f} s. Random weights (built from configs; no downloads). Dynamic vs "
+        f"batch-1 at concurrency 32 for {tiny_label}: {tiny_x:.2f}x (beside the target's "
+        "GPT-2 8x256: the smaller the forward, the larger the share of per-step overheads). Speed ratios "
+        "are measured in this run on a shared 2-core CPU; the int8 and TP rows share the cores with nothing "
+        "else of ours, the HTTP rows share them with the load generator. init_inference: greedy outputs "
+        f"identical to engine hf: {[r['mode'] for r in tp if r['greedy_same_as_hf']]}."
+    )
+    cols = [
+        "section",
+        "mode",
+        "model",
+        "quantization",
+        "concurrency",
+        "rate",
+        "processes",
+        "requests",
+        "errors",
+        "req_per_s",
+        "tokens_per_s",
+        "speedup",
+        "latency_p50_s",
+        "latency_p95_s",
+        "latency_p99_s",
+        "ttft_p50_s",
+        "greedy_top1_agreement",
+        "greedy_exact_match",
+        "embedding_cosine_min",
+        "greedy_same_as_hf",
+    ]
+    write_results(
+        "serving",
+        rows,
+        targets,
+        plot=lambda path: plot(rows, path),
+        columns=cols,
+        notes=notes,
+        command="make bench-serve",
+    )
     for t in targets:
         print(f"{'MET ' if t['met'] else 'MISS'} {t['name']}: {t['value']} (goal {t['goal']})")
     shutil.rmtree(os.path.join(WORK, "models"), ignore_errors=True)
@@ -411,13 +604,30 @@ def plot(rows, path):
         for mode, style in (("batch-1", "s--"), ("dynamic", "o-")):
             rs = [r for r in rows if r["section"] == "batching" and r["mode"] == mode and r["model"] == label]
             name = f"{label.split(' (')[0]} {mode}"
-            ax[0, 0].plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], style, color=color, label=name)
-            ax[0, 1].plot([r["concurrency"] for r in rs], [r["latency_p50_s"] for r in rs], style, color=color,
-                          label=f"{name} p50")
-    ax[0, 0].set(title="batch-1 vs dynamic batching: throughput", xlabel="concurrency", ylabel="generated tokens/s",
-                 xscale="log", yscale="log")
-    ax[0, 1].set(title="batch-1 vs dynamic batching: median latency", xlabel="concurrency", ylabel="seconds",
-                 xscale="log", yscale="log")
+            ax[0, 0].plot(
+                [r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], style, color=color, label=name
+            )
+            ax[0, 1].plot(
+                [r["concurrency"] for r in rs],
+                [r["latency_p50_s"] for r in rs],
+                style,
+                color=color,
+                label=f"{name} p50",
+            )
+    ax[0, 0].set(
+        title="batch-1 vs dynamic batching: throughput",
+        xlabel="concurrency",
+        ylabel="generated tokens/s",
+        xscale="log",
+        yscale="log",
+    )
+    ax[0, 1].set(
+        title="batch-1 vs dynamic batching: median latency",
+        xlabel="concurrency",
+        ylabel="seconds",
+        xscale="log",
+        yscale="log",
+    )
     for a in ax[0]:
         a.legend(fontsize=7)
     q = [r for r in rows if r["section"] == "int8"]

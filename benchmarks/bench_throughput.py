@@ -18,6 +18,7 @@ What runs (each a real `accelerate launch` of the recipe, 1 process x 1 thread u
 5. baseline: recipes/train_lm.py vs transformers.Trainer (benchmarks/trainer_baseline.py), same tiny model, data,
    DeepSpeed ZeRO-2 JSON and 2 processes. Target: recipe tokens/s >= 1.0x Trainer's.
 """
+
 import importlib
 import json
 import os
@@ -38,30 +39,89 @@ WORK = os.path.join(ROOT, "outputs", "bench_throughput")
 BIN = os.path.dirname(sys.executable)
 DS_YAML = "configs/accelerate/deepspeed_cpu_2proc.yaml"
 ZERO2 = "configs/deepspeed/zero2.json"
-S = (lambda full, quick: quick if QUICK else full)
+S = lambda full, quick: quick if QUICK else full
 TEACHER_STEPS, FT_STEPS, DISTILL_STEPS, TRAINER_STEPS = S(250, 6), S(150, 8), S(100, 6), S(80, 20)
-COMMON = ["--report_to", "none", "--logging_steps", "5", "--save_steps", "0", "--per_device_train_batch_size", "8",
-          "--block_size", "128"]
-TEACHER = ["--model_config", "configs/models/gpt2_8x256.json", "--generated_docs", S("2000", "100"),
-           "--eval_docs", S("100", "20"), "--learning_rate", "0.002", "--warmup_steps", "20"]
-FT_DATA = ["--generated_seed", "4321", "--generated_docs", S("200", "30"), "--eval_docs", S("100", "20"),
-           "--learning_rate", "0.001", "--warmup_steps", "10", "--eval_steps", "100000"]
+COMMON = [
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "5",
+    "--save_steps",
+    "0",
+    "--per_device_train_batch_size",
+    "8",
+    "--block_size",
+    "128",
+]
+TEACHER = [
+    "--model_config",
+    "configs/models/gpt2_8x256.json",
+    "--generated_docs",
+    S("2000", "100"),
+    "--eval_docs",
+    S("100", "20"),
+    "--learning_rate",
+    "0.002",
+    "--warmup_steps",
+    "20",
+]
+FT_DATA = [
+    "--generated_seed",
+    "4321",
+    "--generated_docs",
+    S("200", "30"),
+    "--eval_docs",
+    S("100", "20"),
+    "--learning_rate",
+    "0.001",
+    "--warmup_steps",
+    "10",
+    "--eval_steps",
+    "100000",
+]
 FREEZE_VARIANTS = [  # (name, recipe YAML giving the freezing keys, overrides)
-    ("baseline", "configs/recipes/freeze_tiny_progressive.yaml", ["--freeze_schedule", "none", "--freeze_cache", "none"]),
+    (
+        "baseline",
+        "configs/recipes/freeze_tiny_progressive.yaml",
+        ["--freeze_schedule", "none", "--freeze_cache", "none"],
+    ),
     ("static", "configs/recipes/freeze_tiny_static.yaml", ["--freeze_first_n_blocks", "4", "--freeze_cache", "none"]),
     ("progressive", "configs/recipes/freeze_tiny_progressive.yaml", ["--freeze_cache", "none"]),
     ("progressive+cache", "configs/recipes/freeze_tiny_progressive.yaml", []),
     # late: FreezeOut's own default t0 = 0.5 (freezing starts at half the run): gentler, less speedup, less loss
-    ("progressive-late+cache", "configs/recipes/freeze_tiny_progressive.yaml", ["--freeze_start", "0.5",
-                                                                                  "--freeze_end", "0.9"]),
+    (
+        "progressive-late+cache",
+        "configs/recipes/freeze_tiny_progressive.yaml",
+        ["--freeze_start", "0.5", "--freeze_end", "0.9"],
+    ),
     # intervals of 25 steps (about 0.6 epoch): shorter ones are too noisy for block 0 to ever pass the test
-    ("adaptive+cache", "configs/recipes/freeze_tiny_adaptive.yaml", ["--freeze_cache", "memory",
-                                                                     "--freeze_check_steps", "25"]),
+    (
+        "adaptive+cache",
+        "configs/recipes/freeze_tiny_adaptive.yaml",
+        ["--freeze_cache", "memory", "--freeze_check_steps", "25"],
+    ),
 ]
-COLUMNS = ["part", "variant", "wall_clock_s", "tokens_per_s", "speedup", "cpu_speedup", "step_s", "eval_loss",
-           "eval_loss_increase_pct",
-           "freeze_steps", "cache_hits", "layers", "params", "inference_tokens_per_s", "eval_ppl", "quality",
-           "bubble_formula", "bubble_measured", "rel_deviation"]  # the Markdown table; the JSON has every field
+COLUMNS = [
+    "part",
+    "variant",
+    "wall_clock_s",
+    "tokens_per_s",
+    "speedup",
+    "cpu_speedup",
+    "step_s",
+    "eval_loss",
+    "eval_loss_increase_pct",
+    "freeze_steps",
+    "cache_hits",
+    "layers",
+    "params",
+    "inference_tokens_per_s",
+    "eval_ppl",
+    "quality",
+    "bubble_formula",
+    "bubble_measured",
+    "rel_deviation",
+]  # the Markdown table; the JSON has every field
 _port = [29700]
 
 
@@ -70,11 +130,32 @@ def launch(name: str, script: str, args: list[str], nproc: int = 1, deepspeed: s
     out = os.path.join(WORK, name)
     shutil.rmtree(out, ignore_errors=True)
     _port[0] += 1
-    cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", DS_YAML, "--num_processes", str(nproc),
-           "--main_process_port", str(_port[0]), "--num_cpu_threads_per_process", "1",
-           "--deepspeed_config_file", deepspeed, script, *args, "--output_dir", out]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "src"))
+    cmd = [
+        os.path.join(BIN, "accelerate"),
+        "launch",
+        "--config_file",
+        DS_YAML,
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(_port[0]),
+        "--num_cpu_threads_per_process",
+        "1",
+        "--deepspeed_config_file",
+        deepspeed,
+        script,
+        *args,
+        "--output_dir",
+        out,
+    ]
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.path.join(ROOT, "src"),
+    )
     t0, cpu0 = time.time(), _children_cpu()
     with open(out + ".log", "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -99,31 +180,58 @@ def _children_cpu() -> float:
 def bench_freezing(teacher_dir: str):
     runs = {}
     for name, yaml, extra in FREEZE_VARIANTS:
-        runs[name] = launch(f"freeze_{name}", "recipes/train_lm.py", ["--config", yaml, *COMMON, *FT_DATA,
-                            "--model_name_or_path", teacher_dir, "--max_steps", str(FT_STEPS), *extra])
+        runs[name] = launch(
+            f"freeze_{name}",
+            "recipes/train_lm.py",
+            [
+                "--config",
+                yaml,
+                *COMMON,
+                *FT_DATA,
+                "--model_name_or_path",
+                teacher_dir,
+                "--max_steps",
+                str(FT_STEPS),
+                *extra,
+            ],
+        )
     base = runs["baseline"]
     rows = []
     for name, s in runs.items():
         fz = s.get("freezing") or {}
-        rows.append({"part": "freezing", "variant": name, "wall_clock_s": round(s["train_time_s"], 1),
-                     "tokens_per_s": round(s["tokens_per_s"], 1), "eval_loss": round(s["final_eval_loss"], 4),
-                     "eval_loss_increase_pct": round(100 * (s["final_eval_loss"] / base["final_eval_loss"] - 1), 2),
-                     "speedup": round(base["train_time_s"] / s["train_time_s"], 2),
-                     "run_cpu_s": round(s["run_cpu_s"], 1), "cpu_speedup": round(base["run_cpu_s"] / s["run_cpu_s"], 2),
-                     "frozen_params_end": s["frozen_params"], "params": s["params"],
-                     "freeze_steps": [e["step"] for e in fz.get("events", [])] or None,
-                     "cache_hits": (fz.get("cache") or {}).get("hits"),
-                     "frozen_weights_unchanged": fz.get("frozen_weights_unchanged")})
+        rows.append(
+            {
+                "part": "freezing",
+                "variant": name,
+                "wall_clock_s": round(s["train_time_s"], 1),
+                "tokens_per_s": round(s["tokens_per_s"], 1),
+                "eval_loss": round(s["final_eval_loss"], 4),
+                "eval_loss_increase_pct": round(100 * (s["final_eval_loss"] / base["final_eval_loss"] - 1), 2),
+                "speedup": round(base["train_time_s"] / s["train_time_s"], 2),
+                "run_cpu_s": round(s["run_cpu_s"], 1),
+                "cpu_speedup": round(base["run_cpu_s"] / s["run_cpu_s"], 2),
+                "frozen_params_end": s["frozen_params"],
+                "params": s["params"],
+                "freeze_steps": [e["step"] for e in fz.get("events", [])] or None,
+                "cache_hits": (fz.get("cache") or {}).get("hits"),
+                "frozen_weights_unchanged": fz.get("frozen_weights_unchanged"),
+            }
+        )
     rows += freezing_step_costs(teacher_dir, repeats=S(7, 2))
     # The target holds if any freezing variant is >= 1.5x faster with <= 1% more eval loss. Value: the fastest
     # variant within the loss bound, else the fastest variant overall, named with its loss increase.
     runs_ = [r for r in rows if r["part"] == "freezing" and r["variant"] != "baseline"]
     within = [r for r in runs_ if r["eval_loss_increase_pct"] <= 1.0]
     best = max(within or runs_, key=lambda r: r["speedup"])
-    targets = [target(f"freezing: wall-clock speedup at <= 1% eval-loss increase (best: {best['variant']}, eval loss "
-                      f"{best['eval_loss_increase_pct']:+.2f}%, {'within' if within else 'none within'} the bound)",
-                      best["speedup"], ">= 1.5x with <= +1% eval loss",
-                      best["speedup"] >= 1.5 and best["eval_loss_increase_pct"] <= 1.0)]
+    targets = [
+        target(
+            f"freezing: wall-clock speedup at <= 1% eval-loss increase (best: {best['variant']}, eval loss "
+            f"{best['eval_loss_increase_pct']:+.2f}%, {'within' if within else 'none within'} the bound)",
+            best["speedup"],
+            ">= 1.5x with <= +1% eval loss",
+            best["speedup"] >= 1.5 and best["eval_loss_increase_pct"] <= 1.0,
+        )
+    ]
     return rows, targets
 
 
@@ -133,9 +241,9 @@ def freezing_step_costs(teacher_dir: str, repeats: int) -> list[dict]:
     load differences between the sequential runs above."""
     from transformers import AutoModelForCausalLM
 
-    from dsrecipes.freezing import embedding_modules, untie_output_head
-    from dsrecipes.models import transformer_blocks
-    from dsrecipes.prefix_cache import PrefixCache
+    from dsrecipes.freezing.freezer import embedding_modules, untie_output_head
+    from dsrecipes.freezing.prefix_cache import PrefixCache
+    from dsrecipes.train.models import transformer_blocks
 
     torch.set_num_threads(1)
     setups = {}
@@ -159,9 +267,15 @@ def freezing_step_costs(teacher_dir: str, repeats: int) -> list[dict]:
             if r:
                 times[key].append(time.perf_counter() - t0)
     base = statistics.median(times[(0, False)])
-    return [{"part": "freezing step cost", "variant": f"{k} of 8 blocks frozen{' + cache' if c else ''}",
-             "step_s": round(statistics.median(v), 4), "speedup": round(base / statistics.median(v), 2)}
-            for (k, c), v in times.items()]
+    return [
+        {
+            "part": "freezing step cost",
+            "variant": f"{k} of 8 blocks frozen{' + cache' if c else ''}",
+            "step_s": round(statistics.median(v), 4),
+            "speedup": round(base / statistics.median(v), 2),
+        }
+        for (k, c), v in times.items()
+    ]
 
 
 # ----------------------------------------------------------------------------- 3. distillation
@@ -185,32 +299,81 @@ def inference_tokens_per_s(dirs: dict, repeats: int) -> dict:
 
 
 def bench_distillation(teacher_dir: str):
-    s = launch("distill", "recipes/distill.py", ["--config", "configs/recipes/distill_tiny_4to2.yaml", *COMMON,
-               "--teacher_name_or_path", teacher_dir, "--student_num_layers", "4", "--max_steps", str(DISTILL_STEPS),
-               "--generated_docs", S("2000", "100"), "--eval_docs", S("100", "20"), "--learning_rate", "0.001",
-               "--warmup_steps", "10", "--eval_steps", "100000"])
-    speed = inference_tokens_per_s({"teacher": teacher_dir, "student": os.path.join(WORK, "distill", "final")},
-                                   repeats=S(15, 3))
+    s = launch(
+        "distill",
+        "recipes/distill.py",
+        [
+            "--config",
+            "configs/recipes/distill_tiny_4to2.yaml",
+            *COMMON,
+            "--teacher_name_or_path",
+            teacher_dir,
+            "--student_num_layers",
+            "4",
+            "--max_steps",
+            str(DISTILL_STEPS),
+            "--generated_docs",
+            S("2000", "100"),
+            "--eval_docs",
+            S("100", "20"),
+            "--learning_rate",
+            "0.001",
+            "--warmup_steps",
+            "10",
+            "--eval_steps",
+            "100000",
+        ],
+    )
+    speed = inference_tokens_per_s(
+        {"teacher": teacher_dir, "student": os.path.join(WORK, "distill", "final")}, repeats=S(15, 3)
+    )
     t_ppl = s["teacher"]["eval_ppl"]
-    rows = [{"part": "distillation", "variant": "teacher", "layers": s["teacher_layers"], "params": s["teacher_params"],
-             "inference_tokens_per_s": round(speed["teacher"], 1), "eval_loss": round(s["teacher"]["eval_loss"], 4),
-             "eval_ppl": round(t_ppl, 4), "quality": 1.0}]
+    rows = [
+        {
+            "part": "distillation",
+            "variant": "teacher",
+            "layers": s["teacher_layers"],
+            "params": s["teacher_params"],
+            "inference_tokens_per_s": round(speed["teacher"], 1),
+            "eval_loss": round(s["teacher"]["eval_loss"], 4),
+            "eval_ppl": round(t_ppl, 4),
+            "quality": 1.0,
+        }
+    ]
     for name, key in (("distilled student", "student"), ("scratch student", "scratch")):
         r = s[key]
-        rows.append({"part": "distillation", "variant": name, "layers": s["student_layers"],
-                     "params": s["student_params"], "inference_tokens_per_s": round(speed["student"], 1),
-                     "eval_loss": round(r["eval_loss"], 4), "eval_ppl": round(r["eval_ppl"], 4),
-                     "quality": round(t_ppl / r["eval_ppl"], 4), "train_steps": DISTILL_STEPS,
-                     "wall_clock_s": round(r["train_time_s"], 1)})
+        rows.append(
+            {
+                "part": "distillation",
+                "variant": name,
+                "layers": s["student_layers"],
+                "params": s["student_params"],
+                "inference_tokens_per_s": round(speed["student"], 1),
+                "eval_loss": round(r["eval_loss"], 4),
+                "eval_ppl": round(r["eval_ppl"], 4),
+                "quality": round(t_ppl / r["eval_ppl"], 4),
+                "train_steps": DISTILL_STEPS,
+                "wall_clock_s": round(r["train_time_s"], 1),
+            }
+        )
     quality, speedup = t_ppl / s["student"]["eval_ppl"], speed["student"] / speed["teacher"]
     margin = s["scratch"]["eval_loss"] - s["student"]["eval_loss"]
     targets = [
-        target("distillation: student (half the layers) quality, teacher ppl / student ppl", round(quality, 4),
-               ">= 0.97", quality >= 0.97),
-        target("distillation: student inference speedup over the teacher", round(speedup, 3), ">= 1.9x",
-               speedup >= 1.9),
-        target("distillation: scratch-student eval loss minus distilled-student eval loss (same steps)",
-               round(margin, 4), "> 0 (distilled beats scratch)", margin > 0),
+        target(
+            "distillation: student (half the layers) quality, teacher ppl / student ppl",
+            round(quality, 4),
+            ">= 0.97",
+            quality >= 0.97,
+        ),
+        target(
+            "distillation: student inference speedup over the teacher", round(speedup, 3), ">= 1.9x", speedup >= 1.9
+        ),
+        target(
+            "distillation: scratch-student eval loss minus distilled-student eval loss (same steps)",
+            round(margin, 4),
+            "> 0 (distilled beats scratch)",
+            margin > 0,
+        ),
     ]
     return rows, targets
 
@@ -243,21 +406,59 @@ def steady_tokens_per_s(run: str, from_step: int) -> float:
 
 def bench_trainer():
     """Two recipe runs and two Trainer runs, alternating; each side's best steady-state tokens/s (steps 10..N)."""
-    args = ["--config", "configs/recipes/train_tiny_zero2.yaml", "--max_steps", str(TRAINER_STEPS), "--report_to",
-            "none", "--logging_steps", "10", "--eval_steps", "100000", "--save_steps", "0", "--export_final", "false"]
+    args = [
+        "--config",
+        "configs/recipes/train_tiny_zero2.yaml",
+        "--max_steps",
+        str(TRAINER_STEPS),
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "10",
+        "--eval_steps",
+        "100000",
+        "--save_steps",
+        "0",
+        "--export_final",
+        "false",
+    ]
     recipe, hf = [], []
     for i in range(2):
         launch(f"trainer_recipe{i}", "recipes/train_lm.py", args, nproc=2)
         recipe.append(steady_tokens_per_s(f"trainer_recipe{i}", 10))
-        hf.append(launch(f"trainer_hf{i}", "benchmarks/trainer_baseline.py", [*args, "--deepspeed_json", ZERO2],
-                         nproc=2)["steady_tokens_per_s"])
+        hf.append(
+            launch(f"trainer_hf{i}", "benchmarks/trainer_baseline.py", [*args, "--deepspeed_json", ZERO2], nproc=2)[
+                "steady_tokens_per_s"
+            ]
+        )
     ratio = max(recipe) / max(hf)
-    rows = [{"part": "baseline", "variant": "recipes/train_lm.py", "tokens_per_s": round(max(recipe), 1),
-             "runs_tokens_per_s": [round(x, 1) for x in recipe], "world_size": 2, "train_steps": TRAINER_STEPS},
-            {"part": "baseline", "variant": "transformers.Trainer", "tokens_per_s": round(max(hf), 1),
-             "runs_tokens_per_s": [round(x, 1) for x in hf], "world_size": 2, "train_steps": TRAINER_STEPS}]
-    return rows, [target("baseline: recipe tokens/s / HF Trainer tokens/s (same model, data, ZeRO-2 JSON, 2 procs; "
-                         "steps 10..N, best of 2 alternating runs each)", round(ratio, 3), ">= 1.0x", ratio >= 1.0)]
+    rows = [
+        {
+            "part": "baseline",
+            "variant": "recipes/train_lm.py",
+            "tokens_per_s": round(max(recipe), 1),
+            "runs_tokens_per_s": [round(x, 1) for x in recipe],
+            "world_size": 2,
+            "train_steps": TRAINER_STEPS,
+        },
+        {
+            "part": "baseline",
+            "variant": "transformers.Trainer",
+            "tokens_per_s": round(max(hf), 1),
+            "runs_tokens_per_s": [round(x, 1) for x in hf],
+            "world_size": 2,
+            "train_steps": TRAINER_STEPS,
+        },
+    ]
+    return rows, [
+        target(
+            "baseline: recipe tokens/s / HF Trainer tokens/s (same model, data, ZeRO-2 JSON, 2 procs; "
+            "steps 10..N, best of 2 alternating runs each)",
+            round(ratio, 3),
+            ">= 1.0x",
+            ratio >= 1.0,
+        )
+    ]
 
 
 def plot(rows):
@@ -275,10 +476,26 @@ def plot(rows):
             ax2.set_ylabel(dot_label)
 
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        bars_and_dots(axes[0], "freezing", "wall_clock_s", "fine-tune wall clock (s)", "eval_loss", "final eval loss",
-                      "freezing: wall clock (bars), eval loss (dots)", "tab:blue")
-        bars_and_dots(axes[1], "distillation", "inference_tokens_per_s", "inference tokens/s (1 thread)", "eval_ppl",
-                      "eval perplexity", "distillation: speed (bars), eval perplexity (dots)", "tab:green")
+        bars_and_dots(
+            axes[0],
+            "freezing",
+            "wall_clock_s",
+            "fine-tune wall clock (s)",
+            "eval_loss",
+            "final eval loss",
+            "freezing: wall clock (bars), eval loss (dots)",
+            "tab:blue",
+        )
+        bars_and_dots(
+            axes[1],
+            "distillation",
+            "inference_tokens_per_s",
+            "inference tokens/s (1 thread)",
+            "eval_ppl",
+            "eval perplexity",
+            "distillation: speed (bars), eval perplexity (dots)",
+            "tab:green",
+        )
         ax = axes[2]
         pl = [r for r in rows if r["part"] == "pipeline" and "bubble_measured" in r]
         if pl:
@@ -304,8 +521,20 @@ def main():
     os.makedirs(WORK, exist_ok=True)
     load0, t0 = os.getloadavg()[0], time.time()
     print("1/5 teacher", flush=True)
-    launch("teacher", "recipes/train_lm.py", ["--config", "configs/recipes/train_tiny_zero2.yaml", *COMMON, *TEACHER,
-           "--max_steps", str(TEACHER_STEPS), "--eval_steps", "100000"])
+    launch(
+        "teacher",
+        "recipes/train_lm.py",
+        [
+            "--config",
+            "configs/recipes/train_tiny_zero2.yaml",
+            *COMMON,
+            *TEACHER,
+            "--max_steps",
+            str(TEACHER_STEPS),
+            "--eval_steps",
+            "100000",
+        ],
+    )
     teacher_dir = os.path.join(WORK, "teacher", "final")
     print("2/5 freezing", flush=True)
     rows, targets = bench_freezing(teacher_dir)
@@ -319,16 +548,19 @@ def main():
     r, t = bench_trainer()
     rows, targets = rows + r, targets + t
     minutes = (time.time() - t0) / 60
-    notes = (f"{'QUICK SMOKE RUN (BENCH_QUICK=1), not a measurement. ' if QUICK else ''}"
-             f"Whole benchmark {minutes:.1f} min on {os.cpu_count()} cores; load average {load0:.1f} at start, "
-             f"{os.getloadavg()[0]:.1f} at the end (absolute tokens/s on a small CPU machine are low "
-             "and noisy; ratios come from runs made minutes apart in the same conditions; cpu_speedup, the ratio of the "
-             "CPU seconds of the whole launched runs, startup and eval included so it understates the loop's ratio, "
-             "is the cross-check that the load does not inflate). Teacher: GPT-2 8x256 trained "
-             f"{TEACHER_STEPS} steps on the generated language (seed 1234); fine-tune corpus: another generated "
-             f"language (seed 4321), {FT_STEPS} steps. {pipe_note}")
-    doc = write_results("throughput", rows, targets, plot=plot(rows), notes=notes, columns=COLUMNS,
-                        command="make bench-throughput")
+    notes = (
+        f"{'QUICK SMOKE RUN (BENCH_QUICK=1), not a measurement. ' if QUICK else ''}"
+        f"Whole benchmark {minutes:.1f} min on {os.cpu_count()} cores; load average {load0:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at the end (absolute tokens/s on a small CPU machine are low "
+        "and noisy; ratios come from runs made minutes apart in the same conditions; cpu_speedup, the ratio of the "
+        "CPU seconds of the whole launched runs, startup and eval included so it understates the loop's ratio, "
+        "is the cross-check that the load does not inflate). Teacher: GPT-2 8x256 trained "
+        f"{TEACHER_STEPS} steps on the generated language (seed 1234); fine-tune corpus: another generated "
+        f"language (seed 4321), {FT_STEPS} steps. {pipe_note}"
+    )
+    doc = write_results(
+        "throughput", rows, targets, plot=plot(rows), notes=notes, columns=COLUMNS, command="make bench-throughput"
+    )
     for tg in doc["targets"]:
         print(f"  {'MET ' if tg['met'] else 'MISS'} {tg['name']}: {tg['value']} (goal {tg['goal']})")
 

@@ -1,6 +1,7 @@
 """Pipeline rows of the throughput benchmark: measured bubble (idle) fraction vs (p-1)/(m+p-1), and tokens/s.
 
-Run alone:  .venv/bin/python benchmarks/throughput_pipeline.py [--quick]   (prints rows + target; ~4 min on 2 idle cores)
+Run alone:  .venv/bin/python benchmarks/throughput_pipeline.py [--quick]
+    (prints rows + target; ~4 min on 2 idle cores)
 Used by:    benchmarks/bench_throughput.py (`make bench-throughput`), which imports pipeline_rows() and writes
             docs/results/throughput.{md,json,png} through dsrecipes.results.write_results.
 
@@ -15,6 +16,7 @@ of recipes/train_pipeline.py on a GPT-2 of 8 blocks x 256 hidden (4 blocks per s
 Target: |bubble_measured - formula| <= 0.10 x formula for every m (relative 10%). One more row runs the same model
 unsplit in 1 process (m = 8) so tokens/s can be compared with what pipelining 2 cores buys.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +29,17 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO_BATCHES = (1, 2, 4, 8)
 STEPS = 8  # the first is warm-up (shape exchange, buffer allocation) and is not measured: 7 measured steps
-MODEL = {"model_type": "gpt2", "n_layer": 8, "n_embd": 256, "n_head": 8, "n_positions": 128,
-         "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "tie_word_embeddings": True}
+MODEL = {
+    "model_type": "gpt2",
+    "n_layer": 8,
+    "n_embd": 256,
+    "n_head": 8,
+    "n_positions": 128,
+    "resid_pdrop": 0.1,
+    "embd_pdrop": 0.1,
+    "attn_pdrop": 0.1,
+    "tie_word_embeddings": True,
+}
 
 
 def _free_port() -> int:
@@ -43,16 +54,60 @@ def _run(workdir: str, name: str, micro_batches: int, stages: int, steps: int = 
     with open(model_config, "w") as fh:
         json.dump(MODEL, fh)
     bindir = os.path.dirname(sys.executable)
-    cmd = [os.path.join(bindir, "accelerate"), "launch", "--config_file", "configs/accelerate/deepspeed_cpu_2proc.yaml",
-           "--deepspeed_config_file", "configs/deepspeed/zero1.json", "--num_processes", str(stages),
-           "--main_process_port", str(_free_port()), "--num_cpu_threads_per_process", "1",
-           "recipes/train_pipeline.py", "--config", "configs/recipes/pipeline_tiny.yaml", "--model_config", model_config,
-           "--num_stages", str(stages), "--gradient_accumulation_steps", str(micro_batches), "--max_steps", str(steps),
-           "--logging_steps", str(steps), "--eval_steps", str(steps), "--max_eval_batches", "1", "--save_steps", "0",
-           "--warmup_steps", "1", "--generated_docs", "400", "--eval_docs", "20", "--export_final", "false",
-           "--report_to", "none", "--output_dir", out]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    cmd = [
+        os.path.join(bindir, "accelerate"),
+        "launch",
+        "--config_file",
+        "configs/accelerate/deepspeed_cpu_2proc.yaml",
+        "--deepspeed_config_file",
+        "configs/deepspeed/zero1.json",
+        "--num_processes",
+        str(stages),
+        "--main_process_port",
+        str(_free_port()),
+        "--num_cpu_threads_per_process",
+        "1",
+        "recipes/train_pipeline.py",
+        "--config",
+        "configs/recipes/pipeline_tiny.yaml",
+        "--model_config",
+        model_config,
+        "--num_stages",
+        str(stages),
+        "--gradient_accumulation_steps",
+        str(micro_batches),
+        "--max_steps",
+        str(steps),
+        "--logging_steps",
+        str(steps),
+        "--eval_steps",
+        str(steps),
+        "--max_eval_batches",
+        "1",
+        "--save_steps",
+        "0",
+        "--warmup_steps",
+        "1",
+        "--generated_docs",
+        "400",
+        "--eval_docs",
+        "20",
+        "--export_final",
+        "false",
+        "--report_to",
+        "none",
+        "--output_dir",
+        out,
+    ]
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONUNBUFFERED="1",
+    )
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -60,9 +115,16 @@ def _run(workdir: str, name: str, micro_batches: int, stages: int, steps: int = 
     with open(os.path.join(out, "summary.json")) as fh:
         s = json.load(fh)
     b = s["bubble"]
-    row = {"stages": stages, "micro_batches": micro_batches, "tokens_per_step": s["tokens_per_step"],
-           "step_time_s": b["step_time_s"], "tokens_per_s": s["tokens_per_step"] / b["step_time_s"],
-           "measured_steps": b["measured_steps"], "final_loss": s["final_loss"], "load_avg_1m": round(load, 2)}
+    row = {
+        "stages": stages,
+        "micro_batches": micro_batches,
+        "tokens_per_step": s["tokens_per_step"],
+        "step_time_s": b["step_time_s"],
+        "tokens_per_s": s["tokens_per_step"] / b["step_time_s"],
+        "measured_steps": b["measured_steps"],
+        "final_loss": s["final_loss"],
+        "load_avg_1m": round(load, 2),
+    }
     if stages > 1:
         measured = b["bubble_measured_median"]
         dev = abs(measured - b["bubble_formula"]) / b["bubble_formula"]
@@ -72,12 +134,18 @@ def _run(workdir: str, name: str, micro_batches: int, stages: int, steps: int = 
         t = [x / micro_batches for x in b["stage_busy_s"]]
         window = (micro_batches - 1) * max(t) + sum(t)
         implied = sum(window - micro_batches * x for x in t) / (len(t) * window)
-        row.update(bubble_formula=b["bubble_formula"], bubble_measured=measured, rel_deviation=dev,
-                   bubble_pooled=b["bubble_measured"], bubble_per_step=b["bubble_per_step"],
-                   bubble_from_stage_times=implied,
-                   within_10pct=dev <= 0.10, stage_idle=[round(x, 4) for x in b["stage_idle_fraction"]],
-                   stage_p2p=[round(x, 4) for x in b["stage_p2p_fraction"]],
-                   stage_busy_s=[round(x, 4) for x in b["stage_busy_s"]])
+        row.update(
+            bubble_formula=b["bubble_formula"],
+            bubble_measured=measured,
+            rel_deviation=dev,
+            bubble_pooled=b["bubble_measured"],
+            bubble_per_step=b["bubble_per_step"],
+            bubble_from_stage_times=implied,
+            within_10pct=dev <= 0.10,
+            stage_idle=[round(x, 4) for x in b["stage_idle_fraction"]],
+            stage_p2p=[round(x, 4) for x in b["stage_p2p_fraction"]],
+            stage_busy_s=[round(x, 4) for x in b["stage_busy_s"]],
+        )
     return row
 
 
@@ -95,8 +163,14 @@ def pipeline_rows(quick: bool = False) -> tuple[list[dict], list[dict]]:
             rows.append({"row": "no pipeline (1 process) m=8", **_run(workdir, "p1_m8", 8, 1, steps)})
     piped = [r for r in rows if r["stages"] == 2]
     worst = max(r["rel_deviation"] for r in piped)
-    targets = [target("pipeline bubble within 10% of (p-1)/(m+p-1), m=1,2,4,8", round(worst, 4),
-                      "max |measured - formula| / formula <= 0.10", all(r["within_10pct"] for r in piped))]
+    targets = [
+        target(
+            "pipeline bubble within 10% of (p-1)/(m+p-1), m=1,2,4,8",
+            round(worst, 4),
+            "max |measured - formula| / formula <= 0.10",
+            all(r["within_10pct"] for r in piped),
+        )
+    ]
     return rows, targets
 
 
@@ -105,10 +179,21 @@ if __name__ == "__main__":
     from dsrecipes.results import markdown_table
 
     rows, targets = pipeline_rows(quick="--quick" in sys.argv)
-    cols = ["row", "bubble_formula", "bubble_measured", "rel_deviation", "within_10pct", "bubble_pooled",
-            "bubble_from_stage_times",
-            "stage_idle", "stage_p2p", "stage_busy_s",
-            "step_time_s", "tokens_per_s", "load_avg_1m"]
+    cols = [
+        "row",
+        "bubble_formula",
+        "bubble_measured",
+        "rel_deviation",
+        "within_10pct",
+        "bubble_pooled",
+        "bubble_from_stage_times",
+        "stage_idle",
+        "stage_p2p",
+        "stage_busy_s",
+        "step_time_s",
+        "tokens_per_s",
+        "load_avg_1m",
+    ]
     print(markdown_table(rows, cols))
     print(markdown_table(targets, ["name", "value", "goal", "met"]))
     print(json.dumps({"rows": rows, "targets": targets}, indent=1))

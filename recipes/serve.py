@@ -6,12 +6,14 @@ Run:
     make serve MODEL=outputs/train_tiny_zero2/final PORT=8000
     = python recipes/serve.py --config configs/recipes/serve_cpu.yaml --model_name_or_path DIR --port 8000
     tensor parallel, 2 processes (rank 0 serves HTTP and broadcasts each batch step to rank 1):
-    torchrun --nproc_per_node 2 recipes/serve.py --config configs/recipes/serve_tp2_cpu.yaml --model_name_or_path LLAMA_DIR
+    torchrun --nproc_per_node 2 recipes/serve.py --config configs/recipes/serve_tp2_cpu.yaml \
+        --model_name_or_path LLAMA_DIR
 
 Produces: a server on 127.0.0.1:PORT with POST /v1/completions, POST /v1/embeddings, GET /v1/models, /health and
 /metrics (Prometheus). Prints `serving MODELS on http://HOST:PORT` when ready. SIGTERM or Ctrl-C: stop accepting,
 finish the requests in flight, exit 0.
 """
+
 import base64
 import datetime
 import hmac
@@ -26,12 +28,19 @@ from contextlib import asynccontextmanager
 
 import torch
 
-from dsrecipes.args import RECIPES, parse_args
-from dsrecipes.errors import exit_on_config_error
-from dsrecipes.generation import Engine, GenParams, KVBatch, Replicated, follow, supports_kv_merge
-from dsrecipes.inference import check_serve_args, load_encoder, load_lm
-from dsrecipes.serving import (APIError, Batcher, CompletionRequest, EmbeddingRequest, Metrics, as_prompt_list,
-                               validation_error)
+from dsrecipes.config.args import RECIPES, parse_args
+from dsrecipes.config.errors import exit_on_config_error
+from dsrecipes.serve.api import (
+    APIError,
+    Batcher,
+    CompletionRequest,
+    EmbeddingRequest,
+    Metrics,
+    as_prompt_list,
+    validation_error,
+)
+from dsrecipes.serve.engine import Engine, GenParams, KVBatch, Replicated, follow, supports_kv_merge
+from dsrecipes.serve.loading import check_serve_args, load_encoder, load_lm
 
 ENDPOINTS = {"/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"}
 
@@ -60,8 +69,12 @@ class Guard:
         headers = dict(scope["headers"])
         if self.key and (path.startswith("/v1/") or path == "/metrics"):
             if not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
-                return await _send_error(send_and_count, APIError(401, "Incorrect or missing API key "
-                                         "(send Authorization: Bearer <key>).", None, "invalid_api_key"))
+                return await _send_error(
+                    send_and_count,
+                    APIError(
+                        401, "Incorrect or missing API key (send Authorization: Bearer <key>).", None, "invalid_api_key"
+                    ),
+                )
         too_big = APIError(413, f"Request body larger than {self.max_body} bytes.", None, "body_too_large")
         if int(headers.get(b"content-length", b"0") or 0) > self.max_body:
             return await _send_error(send_and_count, too_big)
@@ -82,13 +95,19 @@ class Guard:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # afterwards: disconnect notices for streaming responses
+
         await self.app(scope, replay, send_and_count)
 
 
 async def _send_error(send, err: APIError):
     payload = json.dumps(err.body()).encode()
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": err.status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -125,8 +144,12 @@ def build_app(args, batcher: Batcher, lm_name, tok, max_context, enc_name, enc_t
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
-        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None,
-                       "not_found" if exc.status_code == 404 else None)
+        err = APIError(
+            exc.status_code,
+            f"{request.method} {request.url.path}: {exc.detail}",
+            None,
+            "not_found" if exc.status_code == 404 else None,
+        )
         return JSONResponse(err.body(), status_code=err.status)
 
     def pick_model(requested, served, kind):
@@ -134,15 +157,18 @@ def build_app(args, batcher: Batcher, lm_name, tok, max_context, enc_name, enc_t
             known = [n for n in (lm_name, enc_name) if n]
             if requested in known:
                 raise APIError(400, f"Model '{requested}' does not serve {kind}.", "model", "model_not_supported")
-            raise APIError(404, f"The model '{requested}' does not exist (served: {known}).", "model", "model_not_found")
+            raise APIError(
+                404, f"The model '{requested}' does not exist (served: {known}).", "model", "model_not_found"
+            )
         return served
 
     def check_ids(ids, vocab, param, limit=args.max_prompt_tokens):
         if not ids:
             raise APIError(400, f"'{param}' must not be empty.", param, "invalid_value")
         if len(ids) > limit:
-            raise APIError(400, f"'{param}' has {len(ids)} tokens; the limit is {limit}.", param,
-                           "context_length_exceeded")
+            raise APIError(
+                400, f"'{param}' has {len(ids)} tokens; the limit is {limit}.", param, "context_length_exceeded"
+            )
         if max(ids) >= vocab:
             raise APIError(400, f"token id {max(ids)} is outside the vocabulary ({vocab}).", param, "invalid_value")
 
@@ -150,7 +176,9 @@ def build_app(args, batcher: Batcher, lm_name, tok, max_context, enc_name, enc_t
     async def completions(req: CompletionRequest):
         model = pick_model(req.model, lm_name, "completions")
         if req.echo or req.logprobs:
-            raise APIError(400, "echo and logprobs are not supported.", "echo" if req.echo else "logprobs", "unsupported")
+            raise APIError(
+                400, "echo and logprobs are not supported.", "echo" if req.echo else "logprobs", "unsupported"
+            )
         prompts = as_prompt_list(req.prompt)
         if not 1 <= len(prompts) <= args.max_batch_size:
             raise APIError(400, f"'prompt' must hold 1 to {args.max_batch_size} prompts.", "prompt", "invalid_value")
@@ -160,21 +188,37 @@ def build_app(args, batcher: Batcher, lm_name, tok, max_context, enc_name, enc_t
             check_ids(x, len(tok), "prompt")
         max_tokens = req.max_tokens or args.default_max_tokens
         if max_tokens > args.max_tokens_limit:
-            raise APIError(400, f"max_tokens {max_tokens} is above this server's limit {args.max_tokens_limit}.",
-                           "max_tokens", "invalid_value")
+            raise APIError(
+                400,
+                f"max_tokens {max_tokens} is above this server's limit {args.max_tokens_limit}.",
+                "max_tokens",
+                "invalid_value",
+            )
         if max(len(x) for x in ids) + max_tokens > max_context:
-            raise APIError(400, f"This model's maximum context length is {max_context} tokens; prompt + max_tokens "
-                           f"= {max(len(x) for x in ids) + max_tokens}.", "max_tokens", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_context} tokens; prompt + max_tokens "
+                f"= {max(len(x) for x in ids) + max_tokens}.",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         stop = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
         params = GenParams(max_tokens, req.temperature, req.top_p, stop, req.seed)
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": model}
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
         n_prompt = sum(len(x) for x in ids)
         metrics.observe("prompt", n_prompt)
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(batcher, ids, params, head, n_prompt, usage, metrics),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _sse(batcher, ids, params, head, n_prompt, usage, metrics),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         texts, seqs = [""] * len(ids), [None] * len(ids)
         async for index, delta, finish, seq in batcher.generate(ids, params, stream=False):
             texts[index] += delta
@@ -183,9 +227,14 @@ def build_app(args, batcher: Batcher, lm_name, tok, max_context, enc_name, enc_t
             raise APIError(503, "Generation failed on the server; see its log.", None, "generation_failed")
         n_out = sum(len(s.out_ids) for s in seqs)
         metrics.observe("completion", n_out)
-        return {**head, "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": s.finish_reason}
-                                    for i, (t, s) in enumerate(zip(texts, seqs))],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
+        return {
+            **head,
+            "choices": [
+                {"text": t, "index": i, "logprobs": None, "finish_reason": s.finish_reason}
+                for i, (t, s) in enumerate(zip(texts, seqs))
+            ],
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
+        }
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest):
@@ -201,21 +250,36 @@ def build_app(args, batcher: Batcher, lm_name, tok, max_context, enc_name, enc_t
         metrics.observe("embedding", n)
         import numpy as np
 
-        enc = (lambda v: base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()) \
-            if req.encoding_format == "base64" else (lambda v: v)
-        return {"object": "list", "model": model, "usage": {"prompt_tokens": n, "total_tokens": n},
-                "data": [{"object": "embedding", "index": i, "embedding": enc(v)} for i, v in enumerate(vectors)]}
+        enc = (
+            (lambda v: base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode())
+            if req.encoding_format == "base64"
+            else (lambda v: v)
+        )
+        return {
+            "object": "list",
+            "model": model,
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+            "data": [{"object": "embedding", "index": i, "embedding": enc(v)} for i, v in enumerate(vectors)],
+        }
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "dsrecipes"}
-                                           for n in (lm_name, enc_name) if n]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": "dsrecipes"} for n in (lm_name, enc_name) if n
+            ],
+        }
 
     @app.get("/health")
     async def health():
         ok = batcher.error is None and batcher.thread.is_alive()
-        body = {"status": "ok" if ok else "error", "models": [n for n in (lm_name, enc_name) if n],
-                "queue_depth": batcher.queue_depth(), "running": metrics.running()}
+        body = {
+            "status": "ok" if ok else "error",
+            "models": [n for n in (lm_name, enc_name) if n],
+            "queue_depth": batcher.queue_depth(),
+            "running": metrics.running(),
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -230,7 +294,8 @@ async def _sse(batcher, ids, params, head, n_prompt, include_usage, metrics):
     t0, first, n_out = time.perf_counter(), True, 0
     async for index, delta, finish, seq in batcher.generate(ids, params):
         if finish == "error":
-            yield f"data: {json.dumps(APIError(503, 'Generation failed on the server.', None, 'generation_failed').body())}\n\n"
+            err = APIError(503, "Generation failed on the server.", None, "generation_failed")
+            yield f"data: {json.dumps(err.body())}\n\n"
             break
         if first and delta:
             metrics.observe("ttft", time.perf_counter() - t0)
@@ -240,7 +305,8 @@ async def _sse(batcher, ids, params, head, n_prompt, include_usage, metrics):
         yield f"data: {json.dumps(chunk)}\n\n"
     metrics.observe("completion", n_out)
     if include_usage:
-        yield f"data: {json.dumps({**head, 'choices': [], 'usage': {'prompt_tokens': n_prompt, 'completion_tokens': n_out, 'total_tokens': n_prompt + n_out}})}\n\n"
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -288,22 +354,38 @@ def main(argv=None):
             torch.distributed.broadcast_object_list([("stop", ())], src=0)
 
     metrics = Metrics()
-    batcher = Batcher(engine, enc, args.max_batch_size, args.max_wait_ms, args.max_queue, metrics, on_stop=stop_followers)
+    batcher = Batcher(
+        engine, enc, args.max_batch_size, args.max_wait_ms, args.max_queue, metrics, on_stop=stop_followers
+    )
     enc_context = getattr(enc[0].config, "max_position_embeddings", 1 << 30) if enc else 0
-    app = Guard(build_app(args, batcher, lm_name, tok, max_context, enc_name, enc[1] if enc else None, enc_context, metrics),
-                args.max_body_bytes, api_key, metrics)
+    app = Guard(
+        build_app(args, batcher, lm_name, tok, max_context, enc_name, enc[1] if enc else None, enc_context, metrics),
+        args.max_body_bytes,
+        api_key,
+        metrics,
+    )
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout_s,
-                                           lifespan="on", access_log=args.log_level in ("info", "debug")))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.shutdown_timeout_s,
+            lifespan="on",
+            access_log=args.log_level in ("info", "debug"),
+        )
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after its graceful shutdown
         signal.signal(sig, lambda *_: None)
     sock.listen(2048)  # connections made from now on wait in the backlog until uvicorn accepts them
     host, port = sock.getsockname()[:2]
-    print(f"serving {', '.join(n for n in (lm_name, enc_name) if n)} on http://{host}:{port} "
-          f"(max_batch_size {args.max_batch_size}, {args.dtype}, quantization {args.quantization}, engine {args.engine}, "
-          f"tp {world})", flush=True)
+    print(
+        f"serving {', '.join(n for n in (lm_name, enc_name) if n)} on http://{host}:{port} "
+        f"(max_batch_size {args.max_batch_size}, {args.dtype}, quantization {args.quantization}, engine {args.engine}, "
+        f"tp {world})",
+        flush=True,
+    )
     server.run(sockets=[sock])
     if world > 1:
         torch.distributed.destroy_process_group()

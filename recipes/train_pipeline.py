@@ -14,6 +14,7 @@ settings (num_stages, partition_method, activation_checkpoint_interval) live in 
 Produces, in output_dir: metrics.jsonl (loss, tokens/s and the measured pipeline bubble per logged step),
 summary.json, tensorboard/, checkpoints/step_*/ (+ latest) and final/ (a Hugging Face model directory).
 """
+
 import os
 import random
 import socket
@@ -24,15 +25,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dsrecipes import check
-from dsrecipes.args import RECIPES, parse_args
-from dsrecipes.checkpointing import Checkpoints, StopFlag
-from dsrecipes.data import build_lm_datasets, load_tokenizer
-from dsrecipes.errors import ConfigError, ConfigErrors, exit_on_config_error
-from dsrecipes.metrics import RunLog, perplexity
-from dsrecipes.optim import build_optimizer
-from dsrecipes.pipeline import BubbleMeter, build_pipeline, export_hf, load_hf_weights, pipeline_config, weight_source
-from dsrecipes.training import make_scheduler
+from dsrecipes.config import check
+from dsrecipes.config.args import RECIPES, parse_args
+from dsrecipes.config.errors import ConfigError, ConfigErrors, exit_on_config_error
+from dsrecipes.pipeline.layers import (
+    BubbleMeter,
+    build_pipeline,
+    export_hf,
+    load_hf_weights,
+    pipeline_config,
+    weight_source,
+)
+from dsrecipes.train.accelerator import make_scheduler
+from dsrecipes.train.checkpoints import Checkpoints, StopFlag
+from dsrecipes.train.data import build_lm_datasets, load_tokenizer
+from dsrecipes.train.optimizers import build_optimizer
+from dsrecipes.train.runlog import RunLog, perplexity
 
 DEFAULT_DS = "configs/deepspeed/zero1.json"
 
@@ -41,37 +49,67 @@ DEFAULT_DS = "configs/deepspeed/zero1.json"
 def mixed_precision(args, where):
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if args.mixed_precision != "no" and launched != "no" and launched != args.mixed_precision:
-        raise ConfigError(where, "mixed_precision", f"{args.mixed_precision} here but accelerate launch says {launched}",
-                          "set it in one place")
+        raise ConfigError(
+            where,
+            "mixed_precision",
+            f"{args.mixed_precision} here but accelerate launch says {launched}",
+            "set it in one place",
+        )
     return args.mixed_precision if args.mixed_precision != "no" else launched
 
 
 def deepspeed_config(args, where, dp: int, precision: str) -> tuple[str, dict]:
     """The DeepSpeed JSON with this run's values in place of "auto". ZeRO 0/1 only, no pipeline section."""
-    launched = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else None
+    launched = (
+        os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+        else None
+    )
     if args.deepspeed_config and launched and os.path.abspath(args.deepspeed_config) != os.path.abspath(launched):
-        raise ConfigError(where, "deepspeed_config", f"{args.deepspeed_config} here but accelerate launch names {launched}",
-                          "set it in one place (accelerate --deepspeed_config_file or the recipe)")
+        raise ConfigError(
+            where,
+            "deepspeed_config",
+            f"{args.deepspeed_config} here but accelerate launch names {launched}",
+            "set it in one place (accelerate --deepspeed_config_file or the recipe)",
+        )
     path = args.deepspeed_config or launched or DEFAULT_DS
     ds = check.load_json(path)
     stage = check._get(ds, "zero_optimization.stage", 0)
     if stage not in (0, 1):
-        raise ConfigError(path, "zero_optimization.stage", f"ZeRO-{stage} cannot be combined with pipeline parallelism "
-                          "(DeepSpeed's pipeline engine supports ZeRO 0 and 1 only)",
-                          f"use {DEFAULT_DS} (accelerate launch --deepspeed_config_file {DEFAULT_DS})")
-    for key, fix in (("pipeline", "set num_stages, partition_method and activation_checkpoint_interval in the recipe YAML"),
-                     ("optimizer", "the recipe builds AdamW from learning_rate, weight_decay and adam_* in its YAML"),
-                     ("scheduler", "the recipe builds the schedule from lr_scheduler_type and warmup_steps")):
+        raise ConfigError(
+            path,
+            "zero_optimization.stage",
+            f"ZeRO-{stage} cannot be combined with pipeline parallelism "
+            "(DeepSpeed's pipeline engine supports ZeRO 0 and 1 only)",
+            f"use {DEFAULT_DS} (accelerate launch --deepspeed_config_file {DEFAULT_DS})",
+        )
+    for key, fix in (
+        ("pipeline", "set num_stages, partition_method and activation_checkpoint_interval in the recipe YAML"),
+        ("optimizer", "the recipe builds AdamW from learning_rate, weight_decay and adam_* in its YAML"),
+        ("scheduler", "the recipe builds the schedule from lr_scheduler_type and warmup_steps"),
+    ):
         if key in ds:
             raise ConfigError(path, key, "section not used by recipes/train_pipeline.py", f"remove it; {fix}")
     errs = check.lint_deepspeed(ds, path)
-    errs += check.cross_check(vars(args), ds, {"mixed_precision": precision}, dp, where, path, "<launch>",
-                              on_cpu=not torch.cuda.is_available())
+    errs += check.cross_check(
+        vars(args),
+        ds,
+        {"mixed_precision": precision},
+        dp,
+        where,
+        path,
+        "<launch>",
+        on_cpu=not torch.cuda.is_available(),
+    )
     if errs:
         raise ConfigErrors(errs)
     micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    fill = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-            "train_batch_size": micro * gas * dp, "gradient_clipping": float(args.max_grad_norm)}
+    fill = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * dp,
+        "gradient_clipping": float(args.max_grad_norm),
+    }
     for key, value in fill.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
@@ -86,12 +124,20 @@ def deepspeed_config(args, where, dp: int, precision: str) -> tuple[str, dict]:
 
 def check_args(args, where):
     if args.gradient_checkpointing != "none":
-        raise ConfigError(where, "gradient_checkpointing", "the HF option does not reach pipeline layers",
-                          "use activation_checkpoint_interval: k (checkpoint every k layers of a stage)")
+        raise ConfigError(
+            where,
+            "gradient_checkpointing",
+            "the HF option does not reach pipeline layers",
+            "use activation_checkpoint_interval: k (checkpoint every k layers of a stage)",
+        )
     if args.freeze_embeddings or args.freeze_first_n_blocks or args.freeze_patterns:
-        raise ConfigError(where, "freeze_*", "freezing is not supported by the pipeline recipe", "remove the freeze_* keys")
+        raise ConfigError(
+            where, "freeze_*", "freezing is not supported by the pipeline recipe", "remove the freeze_* keys"
+        )
     if args.optimizer != "adamw":
-        raise ConfigError(where, "optimizer", f"{args.optimizer} is not supported with the pipeline engine", "use adamw")
+        raise ConfigError(
+            where, "optimizer", f"{args.optimizer} is not supported with the pipeline engine", "use adamw"
+        )
 
 
 def init_distributed():
@@ -148,7 +194,7 @@ def eval_micro_batches(ds, size: int, dp_rank: int, dp: int, cap: int):
 
 # ---------------------------------------------------------------------------- the engine as an "accelerator"
 class EngineRun:
-    """The few Accelerator members that dsrecipes.checkpointing (Checkpoints, StopFlag) uses, over the engine."""
+    """The few Accelerator members that dsrecipes.train.checkpoints (Checkpoints, StopFlag) uses, over the engine."""
 
     def __init__(self, engine):
         self.engine, self.device = engine, engine.device
@@ -164,15 +210,21 @@ class EngineRun:
 
     def save_state(self, path):
         self.engine.save_checkpoint(path, tag="engine")  # per-layer files, optimizer states per rank, lr schedule
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                   os.path.join(path, f"rng_state_{self.rank}.pt"))
+        torch.save(
+            {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            os.path.join(path, f"rng_state_{self.rank}.pt"),
+        )
 
     def load_state(self, path):
         load_path, _ = self.engine.load_checkpoint(path, tag="engine")
         rng_file = os.path.join(path, f"rng_state_{self.rank}.pt")
         if load_path is None or not os.path.isfile(rng_file):
-            raise ConfigError("<args>", "resume_from", f"{path} was not written by this recipe with {self.num_processes} "
-                              "processes", "resume with the same launch line, or start fresh")
+            raise ConfigError(
+                "<args>",
+                "resume_from",
+                f"{path} was not written by this recipe with {self.num_processes} processes",
+                "resume with the same launch line, or start fresh",
+            )
         rng = torch.load(rng_file, weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -191,9 +243,13 @@ def main(argv=None):
     dp = max(world // max(args.num_stages, 1), 1)
     ds_path, ds_config = deepspeed_config(args, where, dp, precision)
     if args.num_stages < 1 or world % args.num_stages:
-        raise ConfigError(where, "num_stages", f"{args.num_stages} stage(s) do not divide the world size {world}",
-                          f"launch a multiple of {args.num_stages} processes (e.g. accelerate launch --num_processes "
-                          f"{args.num_stages}) or change num_stages")
+        raise ConfigError(
+            where,
+            "num_stages",
+            f"{args.num_stages} stage(s) do not divide the world size {world}",
+            f"launch a multiple of {args.num_stages} processes (e.g. accelerate launch --num_processes "
+            f"{args.num_stages}) or change num_stages",
+        )
     init_distributed()
     rank = dist.get_rank()
     stop = StopFlag()
@@ -234,14 +290,22 @@ def main(argv=None):
     state = ckpt.load(resume_path) if resume_path else {"step": 0, "epoch": 0, "position": 0}
     step = state["step"]
     log = RunLog(args.output_dir, enabled=rank == 0, resume_step=step)
-    batches = MicroBatches(train_ds, args.per_device_train_batch_size, dp_rank, dp, args.seed, state["epoch"], state["position"])
+    batches = MicroBatches(
+        train_ds, args.per_device_train_batch_size, dp_rank, dp, args.seed, state["epoch"], state["position"]
+    )
     if batches.per_epoch < args.gradient_accumulation_steps:
-        raise ConfigError(where, "per_device_train_batch_size", f"one epoch has {batches.per_epoch} micro-batches per "
-                          f"rank, fewer than gradient_accumulation_steps={args.gradient_accumulation_steps}",
-                          "use more data or smaller batches")
+        raise ConfigError(
+            where,
+            "per_device_train_batch_size",
+            f"one epoch has {batches.per_epoch} micro-batches per "
+            f"rank, fewer than gradient_accumulation_steps={args.gradient_accumulation_steps}",
+            "use more data or smaller batches",
+        )
     eval_batches = eval_micro_batches(eval_ds, args.per_device_train_batch_size, dp_rank, dp, args.max_eval_batches)
     if not eval_batches:
-        raise ConfigError(where, "eval_docs", "the eval set has no full micro-batch per data-parallel rank", "use more eval data")
+        raise ConfigError(
+            where, "eval_docs", "the eval set has no full micro-batch per data-parallel rank", "use more eval data"
+        )
     if resume_path and rank == 0:
         print(f"resumed from {resume_path} at step {step}")
 
@@ -257,8 +321,15 @@ def main(argv=None):
         first_loss = train_loss if first_loss is None else first_loss
         if step % args.logging_steps == 0 or step == args.max_steps:
             bubble = meter.collect()
-            rec = {"step": step, "loss": train_loss, "lr": engine.get_lr()[0], "epoch": batches.epoch,
-                   "tokens_per_s": tokens_seen / max(time.time() - t_loop, 1e-9), "data_sum": batches.data_sum, **bubble}
+            rec = {
+                "step": step,
+                "loss": train_loss,
+                "lr": engine.get_lr()[0],
+                "epoch": batches.epoch,
+                "tokens_per_s": tokens_seen / max(time.time() - t_loop, 1e-9),
+                "data_sum": batches.data_sum,
+                **bubble,
+            }
             log.write(rec)
             batches.data_sum = 0
             if writer:
@@ -272,8 +343,17 @@ def main(argv=None):
         preempted = stop.requested(run)
         done = step >= args.max_steps
         if (args.save_steps and step % args.save_steps == 0) or done or preempted:
-            ckpt.save(step, {"step": step, "epoch": batches.epoch, "position": batches.position, "first_loss": first_loss,
-                             "last_loss": train_loss, "eval_loss": eval_loss})
+            ckpt.save(
+                step,
+                {
+                    "step": step,
+                    "epoch": batches.epoch,
+                    "position": batches.position,
+                    "first_loss": first_loss,
+                    "last_loss": train_loss,
+                    "eval_loss": eval_loss,
+                },
+            )
     train_time = time.time() - t_loop
     totals = meter.collect(total=True)
 
@@ -285,28 +365,48 @@ def main(argv=None):
     params = torch.tensor([sum(p.numel() for p in pipe.parameters() if not getattr(p, "ds_pipe_replicated", False))])
     dist.all_reduce(params, group=engine.grid.get_pipe_parallel_group())
     summary = {
-        "recipe": "train_pipeline", "status": "preempted" if preempted else "completed", "steps": step,
-        "first_loss": first_loss, "final_loss": train_loss, "final_eval_loss": eval_loss,
+        "recipe": "train_pipeline",
+        "status": "preempted" if preempted else "completed",
+        "steps": step,
+        "first_loss": first_loss,
+        "final_loss": train_loss,
+        "final_eval_loss": eval_loss,
         "final_eval_ppl": perplexity(eval_loss) if eval_loss is not None else None,
-        "unigram_entropy": data_info["unigram_entropy"], "train_blocks": data_info["train_blocks"],
-        "eval_micro_batches": len(eval_batches), "world_size": world, "num_stages": args.num_stages,
-        "data_parallel_size": dp, "micro_batches": engine.micro_batches, "micro_batch_size": engine.micro_batch_size,
-        "partition_method": args.partition_method, "partition": [int(x) for x in pipe.parts],
-        "activation_checkpoint_interval": args.activation_checkpoint_interval, "deepspeed_config": ds_path,
-        "zero_stage": engine.zero_optimization_stage(), "mixed_precision": precision, "params": int(params.item()),
-        "train_time_s": train_time, "wall_time_s": time.time() - t_start, "tokens_per_step": tokens_per_step,
-        "tokens_per_s": tokens_seen / max(train_time, 1e-9), "bubble": totals, "tied_max_abs_diff": tied_diff,
-        "resumed_from": resume_path, "final_dir": final_dir,
+        "unigram_entropy": data_info["unigram_entropy"],
+        "train_blocks": data_info["train_blocks"],
+        "eval_micro_batches": len(eval_batches),
+        "world_size": world,
+        "num_stages": args.num_stages,
+        "data_parallel_size": dp,
+        "micro_batches": engine.micro_batches,
+        "micro_batch_size": engine.micro_batch_size,
+        "partition_method": args.partition_method,
+        "partition": [int(x) for x in pipe.parts],
+        "activation_checkpoint_interval": args.activation_checkpoint_interval,
+        "deepspeed_config": ds_path,
+        "zero_stage": engine.zero_optimization_stage(),
+        "mixed_precision": precision,
+        "params": int(params.item()),
+        "train_time_s": train_time,
+        "wall_time_s": time.time() - t_start,
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": tokens_seen / max(train_time, 1e-9),
+        "bubble": totals,
+        "tied_max_abs_diff": tied_diff,
+        "resumed_from": resume_path,
+        "final_dir": final_dir,
     }
     log.summary(summary)
     if rank == 0:
         if writer:
             writer.close()
         what = f"preempted at step {step}; resume with --resume_from latest" if preempted else f"trained {step} steps"
-        print(f"{what} on {args.num_stages} pipeline stages x {dp} data-parallel: loss {first_loss:.3f} -> "
-              f"{train_loss:.3f}, eval loss {eval_loss:.3f}, bubble {totals['bubble_measured']:.3f} measured vs "
-              f"{totals['bubble_formula']:.3f} formula; outputs in {os.path.abspath(args.output_dir)}"
-              + (f"; model in {final_dir}" if final_dir else ""))
+        print(
+            f"{what} on {args.num_stages} pipeline stages x {dp} data-parallel: loss {first_loss:.3f} -> "
+            f"{train_loss:.3f}, eval loss {eval_loss:.3f}, bubble {totals['bubble_measured']:.3f} measured vs "
+            f"{totals['bubble_formula']:.3f} formula; outputs in {os.path.abspath(args.output_dir)}"
+            + (f"; model in {final_dir}" if final_dir else "")
+        )
     dist.destroy_process_group()
     return summary
 

@@ -2,6 +2,7 @@
 
 Run: make test   (or .venv/bin/python -m pytest tests -q)
 """
+
 from __future__ import annotations
 
 import json
@@ -27,17 +28,36 @@ def free_port() -> int:
 
 def child_env(**extra) -> dict:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        DS_ACCELERATOR="cpu",
+    )
     env["PATH"] = BIN + os.pathsep + env.get("PATH", "")  # the venv's ninja builds DeepSpeed ops (one ninja only)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
-def launch_cmd(script: str, args: list[str], accelerate_config: str = DS_YAML, deepspeed: str | None = None,
-               num_processes: int | None = None) -> list[str]:
-    cmd = [ACCELERATE, "launch", "--config_file", accelerate_config, "--main_process_port", str(free_port()),
-           "--num_cpu_threads_per_process", "1"]
+def launch_cmd(
+    script: str,
+    args: list[str],
+    accelerate_config: str = DS_YAML,
+    deepspeed: str | None = None,
+    num_processes: int | None = None,
+) -> list[str]:
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        accelerate_config,
+        "--main_process_port",
+        str(free_port()),
+        "--num_cpu_threads_per_process",
+        "1",
+    ]
     if deepspeed:
         cmd += ["--deepspeed_config_file", deepspeed]
     if num_processes:
@@ -59,7 +79,11 @@ def read_jsonl(path: str) -> list[dict]:
 
 def train_curve(output_dir: str) -> list[tuple[int, float, int]]:
     """(step, loss, data_sum) of every logged training step."""
-    return [(r["step"], r["loss"], r["data_sum"]) for r in read_jsonl(os.path.join(output_dir, "metrics.jsonl")) if "loss" in r]
+    return [
+        (r["step"], r["loss"], r["data_sum"])
+        for r in read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
+        if "loss" in r
+    ]
 
 
 def summary(output_dir: str) -> dict:

@@ -3,6 +3,7 @@ process on a free loopback port.
 
 Used by tests/test_serving.py, tests/test_serve_models.py (run: .venv/bin/python -m pytest tests -k serv -q).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,21 @@ def build_gpt2(path: str, n_positions: int = 1024, seed: int = 0, **cfg) -> str:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from dsrecipes.data import byte_tokenizer
+    from dsrecipes.train.data import byte_tokenizer
 
     torch.manual_seed(seed)
     tok = byte_tokenizer()
-    values = dict(n_layer=2, n_embd=64, n_head=4, n_positions=n_positions, vocab_size=len(tok),
-                  bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-                  initializer_range=0.1)
+    values = dict(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=n_positions,
+        vocab_size=len(tok),
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+        initializer_range=0.1,
+    )
     config = GPT2Config(**{**values, **cfg})
     GPT2LMHeadModel(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -40,14 +49,24 @@ def build_llama(path: str, seed: int = 0) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dsrecipes.data import byte_tokenizer
+    from dsrecipes.train.data import byte_tokenizer
 
     torch.manual_seed(seed)
     tok = byte_tokenizer()
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=len(tok), max_position_embeddings=512,
-                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-                         initializer_range=0.1, tie_word_embeddings=False)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -59,11 +78,20 @@ def build_bert(path: str, seed: int = 0, hidden: int = 64, layers: int = 2) -> s
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     torch.manual_seed(seed)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?") + \
-        ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?")
+        + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    )
     tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
-    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=hidden * 2, max_position_embeddings=256)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=256,
+    )
     BertModel(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -72,8 +100,14 @@ def build_bert(path: str, seed: int = 0, hidden: int = 64, layers: int = 2) -> s
 class Server:
     """`python recipes/serve.py ... --port 0` (or a launcher prefix such as torchrun); waits until it answers."""
 
-    def __init__(self, args: list[str], log_path: str, launcher: list[str] | None = None, api_key: str | None = None,
-                 timeout: float = 180.0):
+    def __init__(
+        self,
+        args: list[str],
+        log_path: str,
+        launcher: list[str] | None = None,
+        api_key: str | None = None,
+        timeout: float = 180.0,
+    ):
         env = child_env()
         env.pop("DSRECIPES_API_KEY", None)
         if api_key:
@@ -81,11 +115,16 @@ class Server:
         cmd = (launcher or [sys.executable]) + ["recipes/serve.py", "--port", "0", *args]
         self.log_path, self.api_key = log_path, api_key
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.url = self._wait_url(timeout)
-        self.client = httpx.Client(base_url=self.url, timeout=120, trust_env=False,
-                                   headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        self.client = httpx.Client(
+            base_url=self.url,
+            timeout=120,
+            trust_env=False,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+        )
         deadline = time.time() + 60
         while time.time() < deadline:
             try:

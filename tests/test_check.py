@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python -m pytest tests/test_check.py -q
 """
+
 import json
 import os
 import subprocess
@@ -10,10 +11,16 @@ import pytest
 import yaml
 
 from conftest import BIN, ROOT, child_env
-from dsrecipes.check import lint_files
+from dsrecipes.config.check import lint_files
 
-DS_OK = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
-         "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}
+DS_OK = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 2},
+}
 
 
 def write(tmp_path, name, data):
@@ -23,8 +30,14 @@ def write(tmp_path, name, data):
 
 
 def cli(*args):
-    return subprocess.run([os.path.join(BIN, "dsrecipes"), "check", *args], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [os.path.join(BIN, "dsrecipes"), "check", *args],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def lines(errs):
@@ -35,12 +48,20 @@ def test_every_shipped_config_passes():
     proc = cli("--all")
     assert proc.returncode == 0, proc.stderr
     assert "no problems" in proc.stdout
-    n = len([f for d in ("accelerate", "deepspeed", "recipes") for f in os.listdir(os.path.join(ROOT, "configs", d))
-             if f.endswith((".yaml", ".json"))])
+    n = len(
+        [
+            f
+            for d in ("accelerate", "deepspeed", "recipes")
+            for f in os.listdir(os.path.join(ROOT, "configs", d))
+            if f.endswith((".yaml", ".json"))
+        ]
+    )
     assert f"{n} file(s) checked" in proc.stdout
 
 
-@pytest.mark.parametrize("acc", sorted(f for f in os.listdir(os.path.join(ROOT, "configs/accelerate")) if f.endswith(".yaml")))
+@pytest.mark.parametrize(
+    "acc", sorted(f for f in os.listdir(os.path.join(ROOT, "configs/accelerate")) if f.endswith(".yaml"))
+)
 def test_accelerate_yaml_with_its_deepspeed_json_passes(acc):
     assert lint_files(accelerate=os.path.join(ROOT, "configs/accelerate", acc)) == []
 
@@ -64,10 +85,14 @@ def header_launch(path: str) -> dict:
     return found
 
 
-@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs/recipes")) if f.endswith(".yaml")))
+@pytest.mark.parametrize(
+    "name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs/recipes")) if f.endswith(".yaml"))
+)
 def test_recipe_passes_with_the_launch_line_in_its_header(name):
     path = os.path.join(ROOT, "configs/recipes", name)
-    assert any(line.startswith("# Run") or line.startswith("# Run:") for line in open(path)), "header needs a # Run: line"
+    assert any(line.startswith("# Run") or line.startswith("# Run:") for line in open(path)), (
+        "header needs a # Run: line"
+    )
     launch = header_launch(path)
     errs = lint_files(recipe=path, **launch)
     assert errs == [], (name, launch, lines(errs))
@@ -78,19 +103,32 @@ def test_value_set_in_two_places(tmp_path):
     ds = write(tmp_path, "ds.json", {**DS_OK, "gradient_accumulation_steps": 4})
     rec = write(tmp_path, "r.yaml", {"gradient_accumulation_steps": 2})
     out = lines(lint_files(deepspeed=ds, recipe=rec))
-    assert len(out) == 1 and f"error: {ds}: gradient_accumulation_steps: 4 here but gradient_accumulation_steps=2" in out[0]
+    assert (
+        len(out) == 1
+        and f"error: {ds}: gradient_accumulation_steps: 4 here but gradient_accumulation_steps=2" in out[0]
+    )
 
 
 def test_mixed_precision_in_two_places(tmp_path):
     ds = write(tmp_path, "ds.json", {**DS_OK, "bf16": {"enabled": True}})
-    acc = write(tmp_path, "a.yaml", {"distributed_type": "DEEPSPEED", "mixed_precision": "no", "num_processes": 2,
-                                     "deepspeed_config": {"deepspeed_config_file": ds}})
+    acc = write(
+        tmp_path,
+        "a.yaml",
+        {
+            "distributed_type": "DEEPSPEED",
+            "mixed_precision": "no",
+            "num_processes": 2,
+            "deepspeed_config": {"deepspeed_config_file": ds},
+        },
+    )
     out = lines(lint_files(accelerate=acc))
     assert any(": bf16.enabled: True here but mixed_precision='no'" in ln for ln in out), out
 
 
 def test_auto_with_nothing_to_fill(tmp_path):
-    ds = write(tmp_path, "ds.json", {**DS_OK, "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto"}}})
+    ds = write(
+        tmp_path, "ds.json", {**DS_OK, "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto"}}}
+    )
     out = lines(lint_files(deepspeed=ds))
     assert out == [f'error: {ds}: optimizer.params.betas: "auto" but nothing fills this value; write a concrete value']
 
@@ -106,13 +144,21 @@ def test_number_as_string(tmp_path):
 
 
 def test_batch_arithmetic(tmp_path):
-    ds = write(tmp_path, "ds.json", {**DS_OK, "train_batch_size": 64, "train_micro_batch_size_per_gpu": 8,
-                                     "gradient_accumulation_steps": 2})
-    acc = write(tmp_path, "a.yaml", {"distributed_type": "DEEPSPEED", "num_processes": 2,
-                                     "deepspeed_config": {"deepspeed_config_file": ds}})
+    ds = write(
+        tmp_path,
+        "ds.json",
+        {**DS_OK, "train_batch_size": 64, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2},
+    )
+    acc = write(
+        tmp_path,
+        "a.yaml",
+        {"distributed_type": "DEEPSPEED", "num_processes": 2, "deepspeed_config": {"deepspeed_config_file": ds}},
+    )
     out = lines(lint_files(accelerate=acc))
-    assert out == [f"error: {ds}: train_batch_size: 64 != micro 8 x accumulation 2 x world size 2 = 32; "
-                   'write "auto" or the product']
+    assert out == [
+        f"error: {ds}: train_batch_size: 64 != micro 8 x accumulation 2 x world size 2 = 32; "
+        'write "auto" or the product'
+    ]
 
 
 def test_pipeline_section_through_accelerate(tmp_path):
@@ -123,8 +169,11 @@ def test_pipeline_section_through_accelerate(tmp_path):
 
 def test_zero3_frozen_reentrant(tmp_path):
     ds = write(tmp_path, "ds.json", {**DS_OK, "zero_optimization": {"stage": 3}})
-    rec = write(tmp_path, "r.yaml", {"freeze_first_n_blocks": 2, "gradient_checkpointing": "full",
-                                     "gradient_checkpointing_reentrant": True})
+    rec = write(
+        tmp_path,
+        "r.yaml",
+        {"freeze_first_n_blocks": 2, "gradient_checkpointing": "full", "gradient_checkpointing_reentrant": True},
+    )
     out = lines(lint_files(deepspeed=ds, recipe=rec))
     assert len(out) == 1 and "gradient_checkpointing_reentrant: ZeRO-3 with frozen parameters" in out[0]
     rec_ok = write(tmp_path, "ok.yaml", {"freeze_first_n_blocks": 2, "gradient_checkpointing": "full"})
@@ -132,12 +181,21 @@ def test_zero3_frozen_reentrant(tmp_path):
 
 
 def test_offload_with_optimizer_it_cannot_offload(tmp_path):
-    ds = write(tmp_path, "ds.json", {**DS_OK, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
+    ds = write(
+        tmp_path, "ds.json", {**DS_OK, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    )
     rec = write(tmp_path, "r.yaml", {"optimizer": "adamw_8bit"})
     out = lines(lint_files(deepspeed=ds, recipe=rec))
     assert len(out) == 1 and "optimizer: adamw_8bit cannot be offloaded" in out[0]
-    ds2 = write(tmp_path, "ds2.json", {**DS_OK, "optimizer": {"type": "SGD"},
-                                       "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
+    ds2 = write(
+        tmp_path,
+        "ds2.json",
+        {
+            **DS_OK,
+            "optimizer": {"type": "SGD"},
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        },
+    )
     assert "optimizer.type: 'sgd' cannot run on the offload device" in lines(lint_files(deepspeed=ds2))[0]
 
 
@@ -155,14 +213,19 @@ def test_unknown_key(tmp_path, kind):
     else:
         path = write(tmp_path, "r.yaml", {"learning_rat": 0.1})
         key = "learning_rat"
-    out = lines(lint_files(**{("recipe" if kind == "recipe" else "accelerate" if kind == "accelerate" else "deepspeed"): path}))
+    out = lines(
+        lint_files(**{("recipe" if kind == "recipe" else "accelerate" if kind == "accelerate" else "deepspeed"): path})
+    )
     assert len(out) == 1 and out[0].startswith(f"error: {path}: {key}: unknown"), out
 
 
 def test_cpu_checkpointing_refused_on_cpu(tmp_path):
     ds = write(tmp_path, "ds.json", {**DS_OK, "activation_checkpointing": {"cpu_checkpointing": True}})
-    acc = write(tmp_path, "a.yaml", {"use_cpu": True, "deepspeed_config": {"deepspeed_config_file": ds},
-                                     "distributed_type": "DEEPSPEED"})
+    acc = write(
+        tmp_path,
+        "a.yaml",
+        {"use_cpu": True, "deepspeed_config": {"deepspeed_config_file": ds}, "distributed_type": "DEEPSPEED"},
+    )
     out = lines(lint_files(accelerate=acc))
     assert len(out) == 1 and "activation_checkpointing.cpu_checkpointing: breaks on the CPU accelerator" in out[0]
 
@@ -176,8 +239,10 @@ def test_cli_reports_one_line_per_problem_and_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("content,needle", [(None, "file not found"), ("{bad json", "invalid JSON"),
-                                            ("[1, 2]", "top level must be an object")])
+@pytest.mark.parametrize(
+    "content,needle",
+    [(None, "file not found"), ("{bad json", "invalid JSON"), ("[1, 2]", "top level must be an object")],
+)
 def test_bad_files(tmp_path, content, needle):
     path = tmp_path / "x.json"
     if content is not None:

@@ -1,14 +1,16 @@
-"""dsrecipes.data and dsrecipes.args: the offline tokenizer, the generated corpus, local files, argument parsing.
+"""dsrecipes.train.data and dsrecipes.config.args: the offline tokenizer, the generated corpus, local files, argument
+parsing.
 
 Run: .venv/bin/python -m pytest tests/test_data.py -q
 """
+
 import json
 
 import pytest
 
-from dsrecipes.args import RECIPES, parse_args
-from dsrecipes.data import build_lm_datasets, byte_tokenizer, generated_corpus, load_tokenizer
-from dsrecipes.errors import ConfigError
+from dsrecipes.config.args import RECIPES, parse_args
+from dsrecipes.config.errors import ConfigError
+from dsrecipes.train.data import build_lm_datasets, byte_tokenizer, generated_corpus, load_tokenizer
 
 
 def data_args(*argv):
@@ -35,11 +37,15 @@ def test_generated_corpus_is_deterministic_and_split():
     a, b = generated_corpus(50, 7, 8), generated_corpus(50, 7, 8)
     assert a == b
     assert generated_corpus(50, 7, 9) != a  # other documents, same language
-    assert set(generated_corpus(50, 7, 9)[0].replace(".", "").split()) <= {w.rstrip(".") for d in a + generated_corpus(500, 7, 10) for w in d.split()}
+    assert set(generated_corpus(50, 7, 9)[0].replace(".", "").split()) <= {
+        w.rstrip(".") for d in a + generated_corpus(500, 7, 10) for w in d.split()
+    }
 
 
 def test_generated_dataset_blocks_and_entropy():
-    train, evl, info = build_lm_datasets(data_args("--generated_docs", "200", "--eval_docs", "20", "--block_size", "64"), byte_tokenizer())
+    train, evl, info = build_lm_datasets(
+        data_args("--generated_docs", "200", "--eval_docs", "20", "--block_size", "64"), byte_tokenizer()
+    )
     assert info["block_size"] == 64 and len(train) == info["train_blocks"] > 100 and len(evl) > 5
     row = train[0]
     assert row["input_ids"].shape == (64,) and (row["input_ids"] == row["labels"]).all()
@@ -58,7 +64,9 @@ def test_local_files(tmp_path, fmt):
         import datasets
 
         datasets.Dataset.from_dict({"text": docs}).to_parquet(str(path))
-    train, evl, info = build_lm_datasets(data_args("--dataset", str(path), "--eval_fraction", "0.1", "--block_size", "32"), byte_tokenizer())
+    train, evl, info = build_lm_datasets(
+        data_args("--dataset", str(path), "--eval_fraction", "0.1", "--block_size", "32"), byte_tokenizer()
+    )
     assert len(train) > len(evl) > 0
 
 
@@ -76,13 +84,16 @@ def test_yaml_plus_cli_override(tmp_path):
     assert (args.max_steps, args.learning_rate, args.freeze_patterns, path) == (9, 0.01, ["wte"], str(cfg))
 
 
-@pytest.mark.parametrize("yaml_text,needle", [
-    ("max_step: 3\n", "max_step: unknown key; remove it or fix the spelling (did you mean one of ['max_steps']?)"),
-    ("max_steps: 2.5\n", "max_steps: expected an integer"),
-    ("optimizer: sgd\n", "optimizer: 'sgd' is not one of"),
-    ("export_final: 'yes'\n", "export_final: expected true/false"),
-    ("- a\n- b\n", "top level must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "yaml_text,needle",
+    [
+        ("max_step: 3\n", "max_step: unknown key; remove it or fix the spelling (did you mean one of ['max_steps']?)"),
+        ("max_steps: 2.5\n", "max_steps: expected an integer"),
+        ("optimizer: sgd\n", "optimizer: 'sgd' is not one of"),
+        ("export_final: 'yes'\n", "export_final: expected true/false"),
+        ("- a\n- b\n", "top level must be a mapping"),
+    ],
+)
 def test_bad_recipe_values(tmp_path, yaml_text, needle):
     cfg = tmp_path / "r.yaml"
     cfg.write_text(yaml_text)

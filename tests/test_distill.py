@@ -3,6 +3,7 @@ recipes/distill.py for real (plain, ZeRO-3-partitioned and init_inference teache
 
 Run: .venv/bin/python -m pytest tests/test_distill.py -q      (fast tests in seconds; -m slow: about 2 minutes)
 """
+
 import json
 import math
 import os
@@ -18,14 +19,15 @@ DISTILL = "configs/recipes/distill_tiny_4to2.yaml"
 
 # ---------------------------------------------------------------------------- the loss, by hand
 def test_loss_equals_hand_computation():
-    from dsrecipes.distillation import distillation_loss
+    from dsrecipes.distill.distillation import distillation_loss
 
     s = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [2.0, 0.0, 0.0]]])  # [batch 1, seq 3, vocab 3]
     t = torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 9.0]]])
     labels = torch.tensor([[7, 1, -100]])  # position 0 predicts label[1] = 1; position 1 predicts -100 (ignored)
     hs, ht = torch.tensor([[[1.0, 0.0], [3.0, 3.0], [0.0, 0.0]]]), torch.tensor([[[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]])
-    loss, terms = distillation_loss(s, t, labels, temperature=2.0, alpha_kd=0.3, alpha_ce=0.6, alpha_cos=0.1,
-                                    s_hidden=hs, t_hidden=ht)
+    loss, terms = distillation_loss(
+        s, t, labels, temperature=2.0, alpha_kd=0.3, alpha_ce=0.6, alpha_cos=0.1, s_hidden=hs, t_hidden=ht
+    )
 
     def softmax(xs, temp):
         e = [math.exp(x / temp) for x in xs]
@@ -34,7 +36,7 @@ def test_loss_equals_hand_computation():
     # only position 0 counts: student [1, 0, -1], teacher [0, 1, 0], label 1
     ce = -math.log(softmax([1.0, 0.0, -1.0], 1)[1])
     p, q = softmax([0.0, 1.0, 0.0], 2), softmax([1.0, 0.0, -1.0], 2)
-    kd = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) * 2.0 ** 2
+    kd = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) * 2.0**2
     cos = 1 - (1 * 1 + 0 * 1) / (1 * math.sqrt(2))
     want = 0.3 * kd + 0.6 * ce + 0.1 * cos
     assert terms["ce"] == pytest.approx(ce, rel=1e-6) and terms["kd"] == pytest.approx(kd, rel=1e-6)
@@ -45,8 +47,8 @@ def test_loss_equals_hand_computation():
 
 
 def test_layer_map_takes_every_other_block():
-    from dsrecipes.distillation import layer_map
-    from dsrecipes.errors import ConfigError
+    from dsrecipes.config.errors import ConfigError
+    from dsrecipes.distill.distillation import layer_map
 
     assert layer_map(8, 4) == [0, 2, 4, 6] and layer_map(4, 2) == [0, 2] and layer_map(12, 6) == [0, 2, 4, 6, 8, 10]
     assert layer_map(6, 4) == [0, 1, 3, 4]
@@ -58,9 +60,9 @@ def test_layer_map_takes_every_other_block():
 def train_teacher(out_dir: str, steps: int = 30):
     from transformers import AutoModelForCausalLM
 
-    from dsrecipes.args import DataArguments, parse_args
-    from dsrecipes.data import build_lm_datasets, byte_tokenizer
-    from dsrecipes.models import load_model_config
+    from dsrecipes.config.args import DataArguments, parse_args
+    from dsrecipes.train.data import build_lm_datasets, byte_tokenizer
+    from dsrecipes.train.models import load_model_config
 
     torch.manual_seed(0)
     tok = byte_tokenizer()
@@ -89,7 +91,7 @@ def teacher(tmp_path_factory):
 def test_student_from_teacher_layers_starts_closer_than_scratch(teacher):
     import torch.nn.functional as F
 
-    from dsrecipes.distillation import student_from_teacher
+    from dsrecipes.distill.distillation import student_from_teacher
 
     path, model, eval_ds = teacher
     near, mapping = student_from_teacher(model, 2, "teacher_layers")
@@ -110,16 +112,48 @@ def test_student_from_teacher_layers_starts_closer_than_scratch(teacher):
 
 
 def test_bad_teacher_is_one_line(tmp_path):
-    proc = run([sys.executable, "recipes/distill.py", "--config", DISTILL, "--teacher_name_or_path", "/nonexistent/t",
-                "--output_dir", str(tmp_path / "o"), "--report_to", "none"], check=False, timeout=120)
+    proc = run(
+        [
+            sys.executable,
+            "recipes/distill.py",
+            "--config",
+            DISTILL,
+            "--teacher_name_or_path",
+            "/nonexistent/t",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--report_to",
+            "none",
+        ],
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: <args>: teacher_name_or_path: cannot load '/nonexistent/t'"), proc.stderr[-1500:]
 
 
 # ---------------------------------------------------------------------------- the recipe, for real
-SHORT = ["--config", DISTILL, "--max_steps", "6", "--logging_steps", "2", "--eval_steps", "100", "--report_to", "none",
-         "--per_device_train_batch_size", "4", "--generated_docs", "200", "--eval_docs", "20", "--warmup_steps", "2"]
+SHORT = [
+    "--config",
+    DISTILL,
+    "--max_steps",
+    "6",
+    "--logging_steps",
+    "2",
+    "--eval_steps",
+    "100",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--generated_docs",
+    "200",
+    "--eval_docs",
+    "20",
+    "--warmup_steps",
+    "2",
+]
 
 
 @pytest.mark.slow
@@ -127,8 +161,14 @@ def test_distill_two_processes_zero2_writes_student_and_compares_with_scratch(te
     from transformers import AutoModelForCausalLM
 
     out = str(tmp_path / "d")
-    run(launch_cmd("recipes/distill.py", SHORT + ["--teacher_name_or_path", teacher[0], "--output_dir", out],
-                   deepspeed="configs/deepspeed/zero2.json"), timeout=600)
+    run(
+        launch_cmd(
+            "recipes/distill.py",
+            SHORT + ["--teacher_name_or_path", teacher[0], "--output_dir", out],
+            deepspeed="configs/deepspeed/zero2.json",
+        ),
+        timeout=600,
+    )
     s = summary(out)
     assert s["world_size"] == 2 and s["zero_stage"] == 2 and s["layer_map"] == [0, 2]
     for who in ("teacher", "student", "scratch"):
@@ -146,9 +186,26 @@ def test_distill_two_processes_zero2_writes_student_and_compares_with_scratch(te
 @pytest.mark.slow
 def test_distill_zero3_partitioned_teacher_two_processes(teacher, tmp_path):
     out = str(tmp_path / "z3")
-    run(launch_cmd("recipes/distill.py", SHORT + ["--teacher_name_or_path", teacher[0], "--output_dir", out,
-                   "--teacher_engine", "zero3", "--student_init", "scratch", "--scratch_baseline", "false"],
-                   deepspeed="configs/deepspeed/zero2.json"), timeout=600)
+    run(
+        launch_cmd(
+            "recipes/distill.py",
+            SHORT
+            + [
+                "--teacher_name_or_path",
+                teacher[0],
+                "--output_dir",
+                out,
+                "--teacher_engine",
+                "zero3",
+                "--student_init",
+                "scratch",
+                "--scratch_baseline",
+                "false",
+            ],
+            deepspeed="configs/deepspeed/zero2.json",
+        ),
+        timeout=600,
+    )
     s = summary(out)
     full_bytes = 4 * s["teacher_params"]
     # each rank holds half of the teacher (ZeRO-3 partitions, padded), the student trains under ZeRO-2
@@ -160,9 +217,27 @@ def test_distill_zero3_partitioned_teacher_two_processes(teacher, tmp_path):
 @pytest.mark.slow
 def test_distill_inference_engine_bf16_teacher_one_process(teacher, tmp_path):
     out = str(tmp_path / "inf")
-    run(launch_cmd("recipes/distill.py", SHORT + ["--teacher_name_or_path", teacher[0], "--output_dir", out,
-                   "--teacher_engine", "inference", "--teacher_dtype", "bfloat16", "--scratch_baseline", "false"],
-                   deepspeed="configs/deepspeed/zero2.json", num_processes=1), timeout=600)
+    run(
+        launch_cmd(
+            "recipes/distill.py",
+            SHORT
+            + [
+                "--teacher_name_or_path",
+                teacher[0],
+                "--output_dir",
+                out,
+                "--teacher_engine",
+                "inference",
+                "--teacher_dtype",
+                "bfloat16",
+                "--scratch_baseline",
+                "false",
+            ],
+            deepspeed="configs/deepspeed/zero2.json",
+            num_processes=1,
+        ),
+        timeout=600,
+    )
     s = summary(out)
     assert s["world_size"] == 1 and s["teacher_dtype"] == "bfloat16"
     with open(os.path.join(out, "final", "config.json")) as fh:

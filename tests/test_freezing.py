@@ -3,6 +3,7 @@ and recipes/train_lm.py runs that freeze under DeepSpeed (ZeRO 0/2, 1 and 2 proc
 
 Run: .venv/bin/python -m pytest tests/test_freezing.py -q      (fast tests in seconds; -m slow: about 2 minutes)
 """
+
 import os
 import types
 
@@ -17,16 +18,16 @@ NODROP = "configs/models/tiny_gpt2_nodropout.json"
 def tiny_model(path=NODROP, seed=0):
     from transformers import AutoModelForCausalLM
 
-    from dsrecipes.data import byte_tokenizer
-    from dsrecipes.models import load_model_config
+    from dsrecipes.train.data import byte_tokenizer
+    from dsrecipes.train.models import load_model_config
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(load_model_config(path, byte_tokenizer()))
 
 
 def freeze_prefix(model, depth):
-    from dsrecipes.freezing import embedding_modules
-    from dsrecipes.models import transformer_blocks
+    from dsrecipes.freezing.freezer import embedding_modules
+    from dsrecipes.train.models import transformer_blocks
 
     for m in embedding_modules(model) + list(transformer_blocks(model)[:depth]):
         m.requires_grad_(False)
@@ -41,7 +42,7 @@ def loss_and_grads(model, ids):
 
 # ---------------------------------------------------------------------------- schedules and the adaptive test
 def test_freezeout_schedules():
-    from dsrecipes.freezing import schedule_steps
+    from dsrecipes.freezing.freezer import schedule_steps
 
     assert schedule_steps("linear", 4, 100, 0.2, 0.6) == [20, 33, 47, 60]
     cubic = schedule_steps("cubic", 4, 100, 0.2, 0.6)
@@ -50,7 +51,7 @@ def test_freezeout_schedules():
 
 
 def test_adaptive_monitor_freezes_only_blocks_whose_grad_norm_settled():
-    from dsrecipes.freezing import GradNormMonitor
+    from dsrecipes.freezing.freezer import GradNormMonitor
 
     steady, noisy = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
     mon = GradNormMonitor([steady, noisy], check_steps=2, threshold=0.1, window=2)
@@ -65,7 +66,7 @@ def test_adaptive_monitor_freezes_only_blocks_whose_grad_norm_settled():
 
 
 def test_adaptive_monitor_resumed_mid_interval_averages_the_steps_it_saw():
-    from dsrecipes.freezing import GradNormMonitor
+    from dsrecipes.freezing.freezer import GradNormMonitor
 
     lin = torch.nn.Linear(3, 3)
     acc = types.SimpleNamespace(num_processes=1, device=torch.device("cpu"))
@@ -84,23 +85,32 @@ def test_adaptive_monitor_resumed_mid_interval_averages_the_steps_it_saw():
 
 
 def fake_accelerator():
-    return types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=None), num_processes=1,
-                                 process_index=0, device=torch.device("cpu"), mixed_precision="no", print=print)
+    return types.SimpleNamespace(
+        state=types.SimpleNamespace(deepspeed_plugin=None),
+        num_processes=1,
+        process_index=0,
+        device=torch.device("cpu"),
+        mixed_precision="no",
+        print=print,
+    )
 
 
 def default_args(**over):
     import dataclasses
 
-    from dsrecipes.args import DataArguments, ModelArguments, TrainArguments
+    from dsrecipes.config.args import DataArguments, ModelArguments, TrainArguments
 
-    vals = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for dc in (ModelArguments, DataArguments, TrainArguments) for f in dataclasses.fields(dc)}
+    vals = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for dc in (ModelArguments, DataArguments, TrainArguments)
+        for f in dataclasses.fields(dc)
+    }
     return types.SimpleNamespace(**{**vals, **over})
 
 
 def test_progressive_count_starts_after_the_leading_frozen_units_only():
-    from dsrecipes.freezing import Freezer
-    from dsrecipes.models import transformer_blocks
+    from dsrecipes.freezing.freezer import Freezer
+    from dsrecipes.train.models import transformer_blocks
 
     model = tiny_model()
     # a pattern freezes block 2 statically; embeddings + block 0 (unit 0) and block 1 (unit 1) still train
@@ -114,8 +124,8 @@ def test_progressive_count_starts_after_the_leading_frozen_units_only():
 # ---------------------------------------------------------------------------- the frozen-prefix cache
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 def test_prefix_cache_gives_the_same_loss_and_grads_and_skips_the_prefix(tmp_path, mode):
-    from dsrecipes.models import transformer_blocks
-    from dsrecipes.prefix_cache import PrefixCache
+    from dsrecipes.freezing.prefix_cache import PrefixCache
+    from dsrecipes.train.models import transformer_blocks
 
     model = tiny_model().train()
     ids = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -155,7 +165,7 @@ def test_prefix_cache_gives_the_same_loss_and_grads_and_skips_the_prefix(tmp_pat
 
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_prefix_cache_under_hf_checkpointing_keeps_the_gradients(reentrant):
-    from dsrecipes.prefix_cache import PrefixCache
+    from dsrecipes.freezing.prefix_cache import PrefixCache
 
     model = tiny_model().train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -174,8 +184,8 @@ def test_prefix_cache_under_hf_checkpointing_keeps_the_gradients(reentrant):
 
 
 def test_prefix_cache_turns_off_under_every_k_checkpointing():
-    from dsrecipes.memory import apply_activation_checkpointing
-    from dsrecipes.prefix_cache import PrefixCache
+    from dsrecipes.freezing.prefix_cache import PrefixCache
+    from dsrecipes.memory.activation_checkpointing import apply_activation_checkpointing
 
     model = tiny_model().train()
     apply_activation_checkpointing(model, default_args(gradient_checkpointing="every_k", checkpoint_every_k=2))
@@ -199,7 +209,7 @@ def tiny_copy_loss(model, ids):
 
 
 def test_prefix_cache_turns_off_with_dropout_augmentation_and_respects_its_bound():
-    from dsrecipes.prefix_cache import PrefixCache
+    from dsrecipes.freezing.prefix_cache import PrefixCache
 
     messages = []
     drop = tiny_model("configs/models/tiny_gpt2.json").train()
@@ -233,7 +243,7 @@ def test_prefix_cache_turns_off_with_dropout_augmentation_and_respects_its_bound
 def test_progressive_freezing_is_refused_where_the_engine_cannot_be_rebuilt(tmp_path):
     import json
 
-    from dsrecipes.check import lint_files
+    from dsrecipes.config.check import lint_files
 
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
@@ -252,8 +262,8 @@ def test_progressive_freezing_is_refused_where_the_engine_cannot_be_rebuilt(tmp_
 
 
 def test_rebuild_refuses_zero0_with_mixed_precision_at_start():
-    from dsrecipes.errors import ConfigError
-    from dsrecipes.rebuild import check_rebuild_supported
+    from dsrecipes.config.errors import ConfigError
+    from dsrecipes.freezing.rebuild import check_rebuild_supported
 
     plugin = types.SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 0}, "bf16": {"enabled": "auto"}})
     acc = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin), mixed_precision="bf16")
@@ -265,10 +275,32 @@ def test_rebuild_refuses_zero0_with_mixed_precision_at_start():
 
 # ---------------------------------------------------------------------------- recipe runs under DeepSpeed
 STEPS = 12
-BASE = ["--config", "configs/recipes/freeze_tiny_progressive.yaml", "--max_steps", str(STEPS), "--logging_steps", "1",
-        "--eval_steps", "100", "--save_steps", "6", "--report_to", "none", "--per_device_train_batch_size", "4",
-        "--generated_docs", "12", "--eval_docs", "20", "--warmup_steps", "2", "--freeze_start", "0.2",
-        "--freeze_end", "0.5"]
+BASE = [
+    "--config",
+    "configs/recipes/freeze_tiny_progressive.yaml",
+    "--max_steps",
+    str(STEPS),
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    "100",
+    "--save_steps",
+    "6",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--generated_docs",
+    "12",
+    "--eval_docs",
+    "20",
+    "--warmup_steps",
+    "2",
+    "--freeze_start",
+    "0.2",
+    "--freeze_end",
+    "0.5",
+]
 
 
 def check_events(s, shards):
@@ -290,8 +322,14 @@ def test_progressive_freezing_zero2_with_cache_equals_zero0_two_processes(tmp_pa
     outs = {}
     for stage, extra in (("zero2", ["--freeze_cache", "memory"]), ("zero0", ["--freeze_cache", "none"])):
         outs[stage] = str(tmp_path / stage)
-        run(launch_cmd("recipes/train_lm.py", BASE + ["--output_dir", outs[stage], *extra],
-                       deepspeed=f"configs/deepspeed/{stage}.json"), timeout=600)
+        run(
+            launch_cmd(
+                "recipes/train_lm.py",
+                BASE + ["--output_dir", outs[stage], *extra],
+                deepspeed=f"configs/deepspeed/{stage}.json",
+            ),
+            timeout=600,
+        )
     z2, z0 = summary(outs["zero2"]), summary(outs["zero0"])
     fz = check_events(z2, shards=2)
     check_events(z0, shards=1)  # ZeRO-0: every rank holds the whole (trainable) optimizer
@@ -305,25 +343,76 @@ def test_progressive_freezing_zero2_with_cache_equals_zero0_two_processes(tmp_pa
     # Resume from the step-6 checkpoint (3 units frozen there): the freezer re-freezes them before building the
     # optimizer, so the checkpoint's partitions fit and the rest of the curve is the same.
     resumed = str(tmp_path / "resumed")
-    run(launch_cmd("recipes/train_lm.py", BASE + ["--output_dir", resumed, "--freeze_cache", "memory", "--resume_from",
-                   os.path.join(outs["zero2"], "checkpoints", "step_00000006")], deepspeed="configs/deepspeed/zero2.json"))
+    run(
+        launch_cmd(
+            "recipes/train_lm.py",
+            BASE
+            + [
+                "--output_dir",
+                resumed,
+                "--freeze_cache",
+                "memory",
+                "--resume_from",
+                os.path.join(outs["zero2"], "checkpoints", "step_00000006"),
+            ],
+            deepspeed="configs/deepspeed/zero2.json",
+        )
+    )
     assert train_curve(resumed)[-6:] == c2[-6:]
 
 
 @pytest.mark.slow
 def test_cubic_and_adaptive_one_process(tmp_path):
     cubic = str(tmp_path / "cubic")
-    run(launch_cmd("recipes/train_lm.py", BASE + ["--output_dir", cubic, "--freeze_schedule", "cubic", "--freeze_end",
-                   "0.9", "--freeze_cache", "disk", "--freeze_cache_dir", str(tmp_path / "cache")],
-                   deepspeed="configs/deepspeed/zero1.json", num_processes=1))
+    run(
+        launch_cmd(
+            "recipes/train_lm.py",
+            BASE
+            + [
+                "--output_dir",
+                cubic,
+                "--freeze_schedule",
+                "cubic",
+                "--freeze_end",
+                "0.9",
+                "--freeze_cache",
+                "disk",
+                "--freeze_cache_dir",
+                str(tmp_path / "cache"),
+            ],
+            deepspeed="configs/deepspeed/zero1.json",
+            num_processes=1,
+        )
+    )
     fz = summary(cubic)["freezing"]
     assert fz["planned_steps"] == [2, 6, 11] and fz["frozen_weights_unchanged"] and fz["cache"]["hits"] > 0
     assert any(f.endswith(".pt") for f in os.listdir(tmp_path / "cache"))
     adaptive = str(tmp_path / "adaptive")  # no DeepSpeed: the plain torch optimizer is rebuilt
-    run(launch_cmd("recipes/train_lm.py", BASE + ["--output_dir", adaptive, "--freeze_schedule", "adaptive",
-                   "--freeze_check_steps", "1", "--freeze_threshold", "10", "--freeze_window", "1", "--freeze_start",
-                   "0.3", "--freeze_embeddings", "true", "--freeze_first_n_blocks", "1"],
-                   accelerate_config="configs/accelerate/cpu_1proc.yaml"))
+    run(
+        launch_cmd(
+            "recipes/train_lm.py",
+            BASE
+            + [
+                "--output_dir",
+                adaptive,
+                "--freeze_schedule",
+                "adaptive",
+                "--freeze_check_steps",
+                "1",
+                "--freeze_threshold",
+                "10",
+                "--freeze_window",
+                "1",
+                "--freeze_start",
+                "0.3",
+                "--freeze_embeddings",
+                "true",
+                "--freeze_first_n_blocks",
+                "1",
+            ],
+            accelerate_config="configs/accelerate/cpu_1proc.yaml",
+        )
+    )
     s = summary(adaptive)
     ev = s["freezing"]["events"]
     # static part: embeddings + block 0 frozen from the start, the tied head untied (its own 257 x 128 matrix)
@@ -341,14 +430,36 @@ def test_static_freezing_zero3_two_processes_keeps_no_state_for_frozen_weights(t
     parameters only) and leave the run exactly as they came in, while the trained blocks move."""
     from safetensors.torch import load_file
 
-    common = ["--config", "configs/recipes/freeze_tiny_static.yaml", "--logging_steps", "1", "--eval_steps", "100",
-              "--save_steps", "0", "--report_to", "none", "--per_device_train_batch_size", "4", "--generated_docs", "40",
-              "--eval_docs", "20", "--warmup_steps", "1"]
+    common = [
+        "--config",
+        "configs/recipes/freeze_tiny_static.yaml",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "100",
+        "--save_steps",
+        "0",
+        "--report_to",
+        "none",
+        "--per_device_train_batch_size",
+        "4",
+        "--generated_docs",
+        "40",
+        "--eval_docs",
+        "20",
+        "--warmup_steps",
+        "1",
+    ]
     outs = {}
     for steps in (1, 4):
         outs[steps] = str(tmp_path / f"steps{steps}")
-        run(launch_cmd("recipes/train_lm.py", common + ["--max_steps", str(steps), "--output_dir", outs[steps]],
-                       deepspeed="configs/deepspeed/zero3.json"))
+        run(
+            launch_cmd(
+                "recipes/train_lm.py",
+                common + ["--max_steps", str(steps), "--output_dir", outs[steps]],
+                deepspeed="configs/deepspeed/zero3.json",
+            )
+        )
     s = summary(outs[4])
     assert s["zero_stage"] == 3 and s["world_size"] == 2 and s["status"] == "completed"
     trainable = s["params"] - s["frozen_params"]
@@ -356,7 +467,9 @@ def test_static_freezing_zero3_two_processes_keeps_no_state_for_frozen_weights(t
     at = s["memory"]["at_step"]
     assert at["optimizer_states"] == pytest.approx(12 * trainable / 2, rel=0.02), (at, trainable)
     w1, w4 = (load_file(os.path.join(outs[k], "final", "model.safetensors")) for k in (1, 4))
-    frozen = [k for k in w4 if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0.", "transformer.h.1."))]
+    frozen = [
+        k for k in w4 if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0.", "transformer.h.1."))
+    ]
     trained = [k for k in w4 if k.startswith(("transformer.h.2.", "transformer.h.3."))]
     assert frozen and trained
     assert all(torch.equal(w1[k], w4[k]) for k in frozen)

@@ -4,6 +4,7 @@ and the one-line refusals. In-process tests use a tiny GPT-2; @slow ones are rea
 
 Run: .venv/bin/python -m pytest tests/test_memory.py -q       (-m "not slow" for the in-process part only)
 """
+
 import json
 import os
 import types
@@ -12,15 +13,43 @@ import pytest
 import torch
 
 from conftest import BIN, ROOT, free_port, launch_cmd, run, summary, train_curve
-from dsrecipes import check, memory
-from dsrecipes.errors import ConfigError
+from dsrecipes.config import check
+from dsrecipes.config.errors import ConfigError
+from dsrecipes.memory import activation_checkpointing, measure
 
 STEPS = 4
-COMMON = ["--max_steps", str(STEPS), "--logging_steps", "1", "--eval_steps", str(STEPS), "--save_steps", "0",
-          "--report_to", "none", "--per_device_train_batch_size", "4", "--generated_docs", "300", "--eval_docs", "40",
-          "--max_eval_batches", "2", "--warmup_steps", "2", "--export_final", "false"]
-KNOBS = ("partition_activations", "contiguous_memory_optimization", "cpu_checkpointing", "number_checkpoints",
-         "synchronize_checkpoint_boundary", "profile")
+COMMON = [
+    "--max_steps",
+    str(STEPS),
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    str(STEPS),
+    "--save_steps",
+    "0",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--generated_docs",
+    "300",
+    "--eval_docs",
+    "40",
+    "--max_eval_batches",
+    "2",
+    "--warmup_steps",
+    "2",
+    "--export_final",
+    "false",
+]
+KNOBS = (
+    "partition_activations",
+    "contiguous_memory_optimization",
+    "cpu_checkpointing",
+    "number_checkpoints",
+    "synchronize_checkpoint_boundary",
+    "profile",
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,33 +96,42 @@ def tiny_model(layers=4, seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=layers, n_embd=64, n_head=4, vocab_size=257, n_positions=64, bos_token_id=0,
-                     eos_token_id=0)  # dropout 0.1 everywhere: recompute must replay the same masks
+    cfg = GPT2Config(
+        n_layer=layers, n_embd=64, n_head=4, vocab_size=257, n_positions=64, bos_token_id=0, eos_token_id=0
+    )  # dropout 0.1 everywhere: recompute must replay the same masks
     model = GPT2LMHeadModel(cfg)
     model.train()
     return model
 
 
 def ckpt_args(mode="none", **kw):
-    return types.SimpleNamespace(**{"gradient_checkpointing": mode, "gradient_checkpointing_reentrant": False,
-                                    "checkpoint_every_k": 0, "per_device_train_batch_size": 2,
-                                    "gradient_accumulation_steps": 1, **kw})
+    return types.SimpleNamespace(
+        **{
+            "gradient_checkpointing": mode,
+            "gradient_checkpointing_reentrant": False,
+            "checkpoint_every_k": 0,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            **kw,
+        }
+    )
 
 
 def gpu_accelerator(ds_config):
     """What apply_activation_checkpointing reads from an Accelerator, as on a GPU machine (configure() itself
     touches no device), to show the knobs CPU runs may not use still reach DeepSpeed."""
-    return types.SimpleNamespace(device=torch.device("cuda"),
-                                 state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(
-                                     deepspeed_config=ds_config)))
+    return types.SimpleNamespace(
+        device=torch.device("cuda"),
+        state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(deepspeed_config=ds_config)),
+    )
 
 
 def loss_grads_and_saved(args, ds_config=None):
     model = tiny_model()
-    info = memory.apply_activation_checkpointing(model, args, None, ds_config)
+    info = activation_checkpointing.apply_activation_checkpointing(model, args, None, ds_config)
     ids = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)
-    with memory.SavedActivations(model) as acts:
+    with measure.SavedActivations(model) as acts:
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, acts.bytes, info
@@ -106,9 +144,17 @@ CASES = {
     "every_k": (ckpt_args("every_k"), None),
     "every_k_reentrant_k3": (ckpt_args("every_k", checkpoint_every_k=3, gradient_checkpointing_reentrant=True), None),
     "deepspeed": (ckpt_args("deepspeed"), {"activation_checkpointing": {}}),
-    "deepspeed_partition_contiguous": (ckpt_args("deepspeed"), {"activation_checkpointing": {
-        "partition_activations": True, "contiguous_memory_optimization": True, "number_checkpoints": 4,
-        "synchronize_checkpoint_boundary": True}}),
+    "deepspeed_partition_contiguous": (
+        ckpt_args("deepspeed"),
+        {
+            "activation_checkpointing": {
+                "partition_activations": True,
+                "contiguous_memory_optimization": True,
+                "number_checkpoints": 4,
+                "synchronize_checkpoint_boundary": True,
+            }
+        },
+    ),
 }
 
 
@@ -130,9 +176,11 @@ def test_every_k_keeps_one_input_per_segment(ds_comm):
     block_input = 2 * 64 * 64 * 4  # batch x seq x hidden x fp32
     assert info1["segments"] == 4 and info2 == {"mode": "every_k", "reentrant": False, "every_k": 2, "segments": 2}
     assert k1 == full and full - k2 == 2 * block_input  # 4 kept inputs -> 2
-    assert [memory.default_every_k(n) for n in (1, 4, 12, 24, 48)] == [1, 2, 3, 5, 7]
+    assert [activation_checkpointing.default_every_k(n) for n in (1, 4, 12, 24, 48)] == [1, 2, 3, 5, 7]
     with pytest.raises(ConfigError, match="checkpoint_every_k: 5 is not between 1 and the 4 blocks"):
-        memory.apply_activation_checkpointing(tiny_model(), ckpt_args("every_k", checkpoint_every_k=5))
+        activation_checkpointing.apply_activation_checkpointing(
+            tiny_model(), ckpt_args("every_k", checkpoint_every_k=5)
+        )
 
 
 # ---------------------------------------------------------------------------- DeepSpeed's knobs arrive
@@ -143,53 +191,76 @@ def test_every_deepspeed_knob_reaches_deepspeed(ds_comm):
         gpu = json.load(fh)
     section = gpu["activation_checkpointing"]
     assert set(section) == set(KNOBS) and section["cpu_checkpointing"] and section["partition_activations"]
-    info = memory.apply_activation_checkpointing(tiny_model(), ckpt_args("deepspeed"), gpu_accelerator(gpu))
-    state = memory.deepspeed_checkpointing_state()
+    info = activation_checkpointing.apply_activation_checkpointing(
+        tiny_model(), ckpt_args("deepspeed"), gpu_accelerator(gpu)
+    )
+    state = activation_checkpointing.deepspeed_checkpointing_state()
     assert info["deepspeed"] == state == {k: section[k] for k in KNOBS}
     assert deepspeed.checkpointing.CPU_CHECKPOINT is True and deepspeed.checkpointing.num_layers == 12
     # every knob the other way round, so none is a leftover of the call above
-    flipped = {"partition_activations": False, "contiguous_memory_optimization": False, "cpu_checkpointing": False,
-               "number_checkpoints": 7, "synchronize_checkpoint_boundary": True, "profile": True}
-    memory.apply_activation_checkpointing(tiny_model(), ckpt_args("deepspeed"),
-                                          gpu_accelerator({"activation_checkpointing": flipped}))
-    assert memory.deepspeed_checkpointing_state() == flipped
+    flipped = {
+        "partition_activations": False,
+        "contiguous_memory_optimization": False,
+        "cpu_checkpointing": False,
+        "number_checkpoints": 7,
+        "synchronize_checkpoint_boundary": True,
+        "profile": True,
+    }
+    activation_checkpointing.apply_activation_checkpointing(
+        tiny_model(), ckpt_args("deepspeed"), gpu_accelerator({"activation_checkpointing": flipped})
+    )
+    assert activation_checkpointing.deepspeed_checkpointing_state() == flipped
     # the shipped CPU configs arrive as written
     for name in ("zero2_actckpt.json", "zero3_actckpt.json"):
         with open(os.path.join(ROOT, "configs/deepspeed", name)) as fh:
             cfg = json.load(fh)
-        memory.apply_activation_checkpointing(tiny_model(), ckpt_args("deepspeed"), None, cfg)
-        got = memory.deepspeed_checkpointing_state()
+        activation_checkpointing.apply_activation_checkpointing(tiny_model(), ckpt_args("deepspeed"), None, cfg)
+        got = activation_checkpointing.deepspeed_checkpointing_state()
         assert all(got[k] == v for k, v in cfg["activation_checkpointing"].items()), (name, got)
 
 
-@pytest.mark.parametrize("section,needle", [
-    ({"cpu_checkpointing": True}, "activation_checkpointing.cpu_checkpointing: breaks on the CPU accelerator"),
-    ({"contiguous_memory_optimization": True}, "contiguous_memory_optimization: needs partition_activations: true"),
-    ({"partition_activations": True, "contiguous_memory_optimization": True, "number_checkpoints": 2},
-     "number_checkpoints: must be at least the 4 checkpointed blocks"),
-])
+@pytest.mark.parametrize(
+    "section,needle",
+    [
+        ({"cpu_checkpointing": True}, "activation_checkpointing.cpu_checkpointing: breaks on the CPU accelerator"),
+        ({"contiguous_memory_optimization": True}, "contiguous_memory_optimization: needs partition_activations: true"),
+        (
+            {"partition_activations": True, "contiguous_memory_optimization": True, "number_checkpoints": 2},
+            "number_checkpoints: must be at least the 4 checkpointed blocks",
+        ),
+    ],
+)
 def test_deepspeed_section_errors_are_one_line(ds_comm, section, needle):
     with pytest.raises(ConfigError) as exc:
-        memory.apply_activation_checkpointing(tiny_model(), ckpt_args("deepspeed"), None,
-                                              {"activation_checkpointing": section})
+        activation_checkpointing.apply_activation_checkpointing(
+            tiny_model(), ckpt_args("deepspeed"), None, {"activation_checkpointing": section}
+        )
     assert needle in exc.value.line() and "\n" not in exc.value.line()
 
 
 def test_a_section_that_would_do_nothing_is_an_error():
     with pytest.raises(ConfigError, match="activation_checkpointing: has no effect with gradient_checkpointing: full"):
-        memory.apply_activation_checkpointing(tiny_model(), ckpt_args("full"), None,
-                                              {"activation_checkpointing": {"partition_activations": True}})
+        activation_checkpointing.apply_activation_checkpointing(
+            tiny_model(), ckpt_args("full"), None, {"activation_checkpointing": {"partition_activations": True}}
+        )
     with pytest.raises(ConfigError, match="this run has no DeepSpeed config"):
-        memory.apply_activation_checkpointing(tiny_model(), ckpt_args("deepspeed"), types.SimpleNamespace(
-            device=torch.device("cpu"), state=types.SimpleNamespace(deepspeed_plugin=None)))
+        activation_checkpointing.apply_activation_checkpointing(
+            tiny_model(),
+            ckpt_args("deepspeed"),
+            types.SimpleNamespace(device=torch.device("cpu"), state=types.SimpleNamespace(deepspeed_plugin=None)),
+        )
 
 
 # ---------------------------------------------------------------------------- low-bit optimizer state
 def build_opt(model, name):
-    from dsrecipes.optim import build_optimizer
+    from dsrecipes.train.optimizers import build_optimizer
 
-    return build_optimizer(model, types.SimpleNamespace(optimizer=name, learning_rate=1e-3, weight_decay=0.0,
-                                                        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8))
+    return build_optimizer(
+        model,
+        types.SimpleNamespace(
+            optimizer=name, learning_rate=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8
+        ),
+    )
 
 
 def one_step(model, opt):
@@ -205,7 +276,7 @@ def test_8bit_and_4bit_state_is_really_low_bit():
         model = tiny_model()
         opt = build_opt(model, name)
         one_step(model, opt)
-        sizes[name] = memory.model_state_bytes(model, opt)["optimizer_states"]
+        sizes[name] = measure.model_state_bytes(model, opt)["optimizer_states"]
         if name == "adamw_8bit":  # bitsandbytes: uint8 codes + one fp32 absmax per 256 values, for every tensor
             for st in opt.state.values():
                 assert st["state1"].dtype == torch.uint8 and st["state2"].dtype == torch.uint8
@@ -225,8 +296,17 @@ def test_paged_8bit_needs_a_gpu():
 
 
 # ---------------------------------------------------------------------------- per-rank model states under ZeRO
-@pytest.mark.parametrize("stage,optimizer,per_param", [(0, "adamw", 16), (1, "adamw", 20), (2, "adamw", 20),
-                                                       (3, "adamw", 20), (2, "adamw_8bit", 14), (3, "adamw_8bit", 14)])
+@pytest.mark.parametrize(
+    "stage,optimizer,per_param",
+    [
+        (0, "adamw", 16),
+        (1, "adamw", 20),
+        (2, "adamw", 20),
+        (3, "adamw", 20),
+        (2, "adamw_8bit", 14),
+        (3, "adamw_8bit", 14),
+    ],
+)
 def test_model_states_read_from_the_engine(ds_comm, stage, optimizer, per_param):
     """One rank: fp32 params 4 + grads 4 + Adam 8 (+ DeepSpeed's fp32 master partition 4 under ZeRO >= 1) bytes per
     parameter; 8-bit: the two Adam states shrink to ~2 bytes. The ZeRO-3 run proves bitsandbytes works there."""
@@ -234,12 +314,20 @@ def test_model_states_read_from_the_engine(ds_comm, stage, optimizer, per_param)
 
     model = tiny_model(layers=2)
     opt = build_opt(model, optimizer)
-    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
-           "zero_optimization": {"stage": stage, "reduce_bucket_size": 4096, "stage3_prefetch_bucket_size": 4096,
-                                 "stage3_param_persistence_threshold": 0}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {
+            "stage": stage,
+            "reduce_bucket_size": 4096,
+            "stage3_prefetch_bucket_size": 4096,
+            "stage3_param_persistence_threshold": 0,
+        },
+    }
     engine, dopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     psi = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    probe = memory.StepProbe(engine, dopt)
+    probe = measure.StepProbe(engine, dopt)
     ids = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(3):
@@ -275,9 +363,13 @@ def test_lint_rules_for_low_bit_optimizers(tmp_path):
 # ---------------------------------------------------------------------------- the recipe, for real
 def train(tmp_path, name, recipe, *extra, accelerate=None, deepspeed=None, nproc=2, mixed_precision=None, check=True):
     out = str(tmp_path / name)
-    cmd = launch_cmd("recipes/train_lm.py", ["--config", recipe, *COMMON, "--output_dir", out, *extra],
-                     **({"accelerate_config": accelerate} if accelerate else {}), deepspeed=deepspeed,
-                     num_processes=nproc)
+    cmd = launch_cmd(
+        "recipes/train_lm.py",
+        ["--config", recipe, *COMMON, "--output_dir", out, *extra],
+        **({"accelerate_config": accelerate} if accelerate else {}),
+        deepspeed=deepspeed,
+        num_processes=nproc,
+    )
     if mixed_precision:
         cmd.insert(cmd.index("recipes/train_lm.py"), f"--mixed_precision={mixed_precision}")
     proc = run(cmd, timeout=600, check=check)
@@ -288,14 +380,20 @@ def train(tmp_path, name, recipe, *extra, accelerate=None, deepspeed=None, nproc
 def test_recipe_every_k_and_deepspeed_checkpointing_2proc(tmp_path):
     """every_k under ZeRO-2 and DeepSpeed's checkpoint under ZeRO-3 (zero3_actckpt.json) train the same curve."""
     ek = train(tmp_path, "every_k", "configs/recipes/train_tiny_ckpt_every_k.yaml")
-    ds = train(tmp_path, "ds", "configs/recipes/train_tiny_ckpt_deepspeed.yaml",
-               deepspeed="configs/deepspeed/zero3_actckpt.json")
+    ds = train(
+        tmp_path,
+        "ds",
+        "configs/recipes/train_tiny_ckpt_deepspeed.yaml",
+        deepspeed="configs/deepspeed/zero3_actckpt.json",
+    )
     a, b = train_curve(ek), train_curve(ds)
     assert len(a) == STEPS and [d for *_, d in a] == [d for *_, d in b]
     assert all(abs(x[1] - y[1]) < 1e-4 for x, y in zip(a, b)), (a, b)
     s_ek, s_ds = summary(ek), summary(ds)
     assert s_ek["activation_checkpointing"] == {"mode": "every_k", "reentrant": False, "every_k": 2, "segments": 2}
-    assert s_ds["activation_checkpointing"]["deepspeed"] == {k: False if k != "number_checkpoints" else None for k in KNOBS}
+    assert s_ds["activation_checkpointing"]["deepspeed"] == {
+        k: False if k != "number_checkpoints" else None for k in KNOBS
+    }
     assert s_ds["zero_stage"] == 3 and s_ds["world_size"] == 2
     # 2 kept block inputs vs 4: every_k saves less for backward than per-block checkpointing
     assert 0 < s_ek["memory"]["activation_bytes_per_micro_batch"] < s_ds["memory"]["activation_bytes_per_micro_batch"]
@@ -306,10 +404,27 @@ def test_recipe_full_reentrant_bf16_8bit_plain_ddp_2proc(tmp_path):
     """Plain DDP over gloo, 2 processes: torchrun with ACCELERATE_USE_CPU (accelerate's own multi-CPU path; its
     `launch` needs mpirun for MULTI_CPU) and ACCELERATE_MIXED_PRECISION=bf16 (what --mixed_precision sets)."""
     out = str(tmp_path / "ddp")
-    run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "recipes/train_lm.py", "--config", "configs/recipes/train_tiny_ckpt_full.yaml", *COMMON, "--output_dir", out,
-         "--gradient_checkpointing_reentrant", "true", "--optimizer", "adamw_8bit"],
-        ACCELERATE_USE_CPU="true", ACCELERATE_MIXED_PRECISION="bf16")
+    run(
+        [
+            os.path.join(BIN, "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "recipes/train_lm.py",
+            "--config",
+            "configs/recipes/train_tiny_ckpt_full.yaml",
+            *COMMON,
+            "--output_dir",
+            out,
+            "--gradient_checkpointing_reentrant",
+            "true",
+            "--optimizer",
+            "adamw_8bit",
+        ],
+        ACCELERATE_USE_CPU="true",
+        ACCELERATE_MIXED_PRECISION="bf16",
+    )
     s, curve = summary(out), train_curve(out)
     assert s["status"] == "completed" and s["world_size"] == 2 and s["zero_stage"] is None
     assert s["mixed_precision"] == "bf16" and s["activation_checkpointing"]["reentrant"] is True
@@ -320,8 +435,9 @@ def test_recipe_full_reentrant_bf16_8bit_plain_ddp_2proc(tmp_path):
 
 @pytest.mark.slow
 def test_recipe_bf16_deepspeed_and_8bit_under_zero3_2proc(tmp_path):
-    bf = train(tmp_path, "bf16", "configs/recipes/train_tiny_bf16.yaml", "--optimizer", "adamw_8bit",
-               mixed_precision="bf16")
+    bf = train(
+        tmp_path, "bf16", "configs/recipes/train_tiny_bf16.yaml", "--optimizer", "adamw_8bit", mixed_precision="bf16"
+    )
     z3 = train(tmp_path, "z3", "configs/recipes/train_tiny_adamw8bit.yaml", deepspeed="configs/deepspeed/zero3.json")
     for out, stage in ((bf, 2), (z3, 3)):
         s, curve = summary(out), train_curve(out)
@@ -329,14 +445,23 @@ def test_recipe_bf16_deepspeed_and_8bit_under_zero3_2proc(tmp_path):
         at = s["memory"]["at_step"]
         # per rank: fp32 master partition (4 B/param / 2 ranks) + 8-bit states (~2 B/param / 2 ranks)
         assert at["optimizer_states"] <= 0.5 * (4 + 2.1) * s["params"], at
-    assert summary(bf)["mixed_precision"] == "bf16" and summary(bf)["memory"]["at_step"]["parameters"] < \
-        summary(z3)["memory"]["at_step"]["parameters"] * 2  # bf16 weights: 2 bytes, not 4
+    assert (
+        summary(bf)["mixed_precision"] == "bf16"
+        and summary(bf)["memory"]["at_step"]["parameters"] < summary(z3)["memory"]["at_step"]["parameters"] * 2
+    )  # bf16 weights: 2 bytes, not 4
 
 
 @pytest.mark.slow
 def test_recipe_torchao_4bit_one_process(tmp_path):
-    out = train(tmp_path, "ao", "configs/recipes/train_tiny_adamw8bit.yaml", "--optimizer", "torchao_adamw_4bit",
-                accelerate="configs/accelerate/cpu_1proc.yaml", nproc=1)
+    out = train(
+        tmp_path,
+        "ao",
+        "configs/recipes/train_tiny_adamw8bit.yaml",
+        "--optimizer",
+        "torchao_adamw_4bit",
+        accelerate="configs/accelerate/cpu_1proc.yaml",
+        nproc=1,
+    )
     s, curve = summary(out), train_curve(out)
     assert s["world_size"] == 1 and s["optimizer"] == "torchao_adamw_4bit" and curve[-1][1] < curve[0][1]
     assert s["memory"]["optimizer_state_bytes"] < 0.5 * 8 * s["params"]
@@ -349,10 +474,11 @@ def test_recipe_refuses_cpu_checkpointing_on_cpu(tmp_path):
     cfg["activation_checkpointing"]["cpu_checkpointing"] = True
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(cfg))
-    proc = train(tmp_path, "refused", "configs/recipes/train_tiny_ckpt_deepspeed.yaml", deepspeed=str(ds), nproc=1,
-                 check=False)
+    proc = train(
+        tmp_path, "refused", "configs/recipes/train_tiny_ckpt_deepspeed.yaml", deepspeed=str(ds), nproc=1, check=False
+    )
     # the recipe exits 2 with one line; accelerate's launcher then reports the failed child with its own traceback
-    assert proc.returncode != 0 and "recipes/train_lm.py\", line" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode != 0 and 'recipes/train_lm.py", line' not in proc.stderr, proc.stderr[-3000:]
     assert "(exitcode: 2)" in proc.stderr, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1 and "activation_checkpointing.cpu_checkpointing: breaks on the CPU accelerator" in lines[0]
@@ -361,8 +487,14 @@ def test_recipe_refuses_cpu_checkpointing_on_cpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with loss scaling needs a GPU")
 def test_fp16_with_loss_scaling_on_gpu(tmp_path):
-    out = train(tmp_path, "fp16", "configs/recipes/train_tiny_fp16.yaml", deepspeed="configs/deepspeed/zero2.json",
-                nproc=1, mixed_precision="fp16")
+    out = train(
+        tmp_path,
+        "fp16",
+        "configs/recipes/train_tiny_fp16.yaml",
+        deepspeed="configs/deepspeed/zero2.json",
+        nproc=1,
+        mixed_precision="fp16",
+    )
     s, curve = summary(out), train_curve(out)
     assert s["mixed_precision"] == "fp16" and s["status"] == "completed" and curve[-1][1] < curve[0][1]
     assert "max_memory_allocated_mb" in s["memory"]

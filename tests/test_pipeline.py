@@ -1,4 +1,4 @@
-"""recipes/train_pipeline.py and dsrecipes.pipeline for real: 2 pipeline stages on CPU (gloo).
+"""recipes/train_pipeline.py and dsrecipes.pipeline.layers for real: 2 pipeline stages on CPU (gloo).
 
 - the pipelined loss, gradients and clipped update equal the unsplit HF model's (ZeRO 0 and 1, three
   partition methods, activation checkpointing that really recomputes);
@@ -10,6 +10,7 @@ Run: .venv/bin/python -m pytest tests/test_pipeline.py -q        (about 3 minute
 This file is also the 2-process worker of the equivalence test:
     python -m torch.distributed.run --nproc_per_node 2 tests/test_pipeline.py HF_DIR OUT_JSON EXPORT_DIR
 """
+
 import json
 import os
 import sys
@@ -26,8 +27,8 @@ def make_hf_dir(path: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dsrecipes.data import byte_tokenizer
-    from dsrecipes.models import load_model_config
+    from dsrecipes.train.data import byte_tokenizer
+    from dsrecipes.train.models import load_model_config
 
     tok = byte_tokenizer()
     config = load_model_config(os.path.join(ROOT, "configs/models/tiny_gpt2.json"), tok)
@@ -52,15 +53,22 @@ def _worker(hf_dir: str, out_json: str, export_dir: str) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from dsrecipes.pipeline import (GPT2BlockPipe, build_pipeline, export_hf, load_hf_weights, local_hf_modules,
-                                    pipeline_config, weight_source)
+    from dsrecipes.pipeline.layers import (
+        GPT2BlockPipe,
+        build_pipeline,
+        export_hf,
+        load_hf_weights,
+        local_hf_modules,
+        pipeline_config,
+        weight_source,
+    )
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     args = argparse.Namespace(model_name_or_path=hf_dir, model_config=None)
     config = pipeline_config(args)
     source = weight_source(args, config)
     x = torch.randint(0, config.vocab_size, (MICRO * M, SEQ), generator=torch.Generator().manual_seed(1))
-    micro = [(x[i * MICRO:(i + 1) * MICRO], x[i * MICRO:(i + 1) * MICRO]) for i in range(M)]
+    micro = [(x[i * MICRO : (i + 1) * MICRO], x[i * MICRO : (i + 1) * MICRO]) for i in range(M)]
     out = {}
 
     def reference(clip: float):
@@ -76,9 +84,15 @@ def _worker(hf_dir: str, out_json: str, export_dir: str) -> None:
         return loss.item(), grads, update, before
 
     def engine_for(pipe, stage: int, clip: float, lr: float):
-        ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": M, "train_batch_size": MICRO * M,
-              "gradient_clipping": clip, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
-              "zero_allow_untested_optimizer": True}
+        ds = {
+            "train_micro_batch_size_per_gpu": MICRO,
+            "gradient_accumulation_steps": M,
+            "train_batch_size": MICRO * M,
+            "gradient_clipping": clip,
+            "zero_optimization": {"stage": stage},
+            "steps_per_print": 10**9,
+            "zero_allow_untested_optimizer": True,
+        }
         engine, *_ = deepspeed.initialize(model=pipe, optimizer=torch.optim.SGD(pipe.parameters(), lr=lr), config=ds)
         return engine
 
@@ -86,6 +100,7 @@ def _worker(hf_dir: str, out_json: str, export_dir: str) -> None:
         """With `base` (the weights before the step), a and b are updates measured as before - after: each is known
         only to the float32 spacing of the weight (one ulp of a LayerNorm weight near 1.0 is 1.2e-7, against updates
         of ~5e-4), so the part of |a - b| within one ulp of the weight is not counted as an error."""
+
         def err(k):
             diff = (a[k] - b[k]).abs()
             if base is not None:
@@ -127,10 +142,18 @@ def _worker(hf_dir: str, out_json: str, export_dir: str) -> None:
             mod.register_forward_hook(lambda *_, i=len(calls) - 1: calls.__setitem__(i, calls[i] + 1))
     engine = engine_for(pipe, 1, 1.0, 1.0)
     loss = engine.train_batch(iter(micro)).item()
-    update = {prefix + n: before[prefix + n] - p.detach() for prefix, mod in local_hf_modules(pipe)
-              for n, p in mod.named_parameters()}
-    local.update(loss_diff_z1=abs(loss - ref_loss), update_rel_z1=worst(update, ref_update, before),
-                 min_block_calls=min(calls), max_block_calls=max(calls), local_params=len(update))
+    update = {
+        prefix + n: before[prefix + n] - p.detach()
+        for prefix, mod in local_hf_modules(pipe)
+        for n, p in mod.named_parameters()
+    }
+    local.update(
+        loss_diff_z1=abs(loss - ref_loss),
+        update_rel_z1=worst(update, ref_update, before),
+        min_block_calls=min(calls),
+        max_block_calls=max(calls),
+        local_params=len(update),
+    )
 
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
@@ -146,23 +169,43 @@ def _worker(hf_dir: str, out_json: str, export_dir: str) -> None:
 @pytest.mark.slow
 def test_pipelined_loss_gradients_and_export_equal_the_hf_model(hf_dir, tmp_path):
     import torch
-    from conftest import free_port, run
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from conftest import free_port, run
+
     out_json, export_dir = str(tmp_path / "eq.json"), str(tmp_path / "export")
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "tests/test_pipeline.py", hf_dir, out_json, export_dir], timeout=600)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "tests/test_pipeline.py",
+            hf_dir,
+            out_json,
+            export_dir,
+        ],
+        timeout=600,
+    )
     res = json.load(open(out_json))
     for r in res["ranks"]:
         assert r["loss_diff"] < 1e-5 and r["loss_diff_z1"] < 1e-5, r
-        assert r["grad_rel"] < 1e-5, r      # measured ~5e-8
+        assert r["grad_rel"] < 1e-5, r  # measured ~5e-8
         assert r["update_rel_z1"] < 1e-4, r  # measured ~4e-6 beyond weight rounding (global-norm clipping, 2 stages)
         assert r["min_block_calls"] == r["max_block_calls"] == 2 * M, r  # forward + recompute per micro-batch
         assert r["local_params"] > 0
     # roundtrip: the export holds exactly the source tensors, and the head is the embedding
     assert res["roundtrip_tied_diff"] == 0.0
-    src, exp = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(os.path.join(export_dir, "model.safetensors"))
+    src, exp = (
+        load_file(os.path.join(hf_dir, "model.safetensors")),
+        load_file(os.path.join(export_dir, "model.safetensors")),
+    )
     assert src.keys() == exp.keys() and all(torch.equal(src[k], exp[k]) for k in src)
     model = AutoModelForCausalLM.from_pretrained(export_dir)
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
@@ -175,9 +218,33 @@ def _train(hf_dir, tmp_root, name, *extra, **env):
     from conftest import launch_cmd, run
 
     out = os.path.join(tmp_root, name)
-    args = ["--config", RECIPE, "--model_name_or_path", hf_dir, "--max_steps", "6", "--logging_steps", "1",
-            "--eval_steps", "6", "--save_steps", "3", "--max_eval_batches", "4", "--generated_docs", "300",
-            "--eval_docs", "40", "--warmup_steps", "2", "--report_to", "none", "--output_dir", out, *extra]
+    args = [
+        "--config",
+        RECIPE,
+        "--model_name_or_path",
+        hf_dir,
+        "--max_steps",
+        "6",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "6",
+        "--save_steps",
+        "3",
+        "--max_eval_batches",
+        "4",
+        "--generated_docs",
+        "300",
+        "--eval_docs",
+        "40",
+        "--warmup_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--output_dir",
+        out,
+        *extra,
+    ]
     run(launch_cmd("recipes/train_pipeline.py", args, deepspeed="configs/deepspeed/zero1.json"), timeout=600, **env)
     return out
 
@@ -190,11 +257,11 @@ def smoke_run(hf_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_two_stage_run_writes_metrics_summary_checkpoints_and_final(smoke_run, hf_dir):
     import torch
-    from conftest import read_jsonl, summary
     from transformers import AutoModelForCausalLM
 
-    from dsrecipes.args import DataArguments, parse_args
-    from dsrecipes.data import build_lm_datasets, load_tokenizer
+    from conftest import read_jsonl, summary
+    from dsrecipes.config.args import DataArguments, parse_args
+    from dsrecipes.train.data import build_lm_datasets, load_tokenizer
 
     steps = [r for r in read_jsonl(os.path.join(smoke_run, "metrics.jsonl")) if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7)) and steps[-1]["loss"] < steps[0]["loss"]
@@ -235,26 +302,43 @@ def test_resume_from_a_checkpoint_continues_exactly(smoke_run, hf_dir, tmp_path)
 def test_zero2_is_refused_with_one_line(tmp_path):
     from conftest import run
 
-    proc = run([sys.executable, "recipes/train_pipeline.py", "--config", RECIPE, "--deepspeed_config",
-                "configs/deepspeed/zero2.json", "--output_dir", str(tmp_path / "o")], check=False, timeout=300)
+    proc = run(
+        [
+            sys.executable,
+            "recipes/train_pipeline.py",
+            "--config",
+            RECIPE,
+            "--deepspeed_config",
+            "configs/deepspeed/zero2.json",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == ["error: configs/deepspeed/zero2.json: zero_optimization.stage: ZeRO-2 cannot be combined with "
-                      "pipeline parallelism (DeepSpeed's pipeline engine supports ZeRO 0 and 1 only); use "
-                      "configs/deepspeed/zero1.json (accelerate launch --deepspeed_config_file configs/deepspeed/zero1.json)"]
+    assert errors == [
+        "error: configs/deepspeed/zero2.json: zero_optimization.stage: ZeRO-2 cannot be combined with "
+        "pipeline parallelism (DeepSpeed's pipeline engine supports ZeRO 0 and 1 only); use "
+        "configs/deepspeed/zero1.json (accelerate launch --deepspeed_config_file configs/deepspeed/zero1.json)"
+    ]
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("method,needle", [
-    ("type:attention", "'type:attention' matches 0 layer(s)"),
-    ("layers", "'layers' is not a partition method"),
-    ("type:[", "bad regex"),
-])
+@pytest.mark.parametrize(
+    "method,needle",
+    [
+        ("type:attention", "'type:attention' matches 0 layer(s)"),
+        ("layers", "'layers' is not a partition method"),
+        ("type:[", "bad regex"),
+    ],
+)
 def test_bad_partition_method_is_one_config_error(method, needle):
-    from dsrecipes.data import byte_tokenizer
-    from dsrecipes.errors import ConfigError
-    from dsrecipes.models import load_model_config
-    from dsrecipes.pipeline import check_partition, layer_specs
+    from dsrecipes.config.errors import ConfigError
+    from dsrecipes.pipeline.layers import check_partition, layer_specs
+    from dsrecipes.train.data import byte_tokenizer
+    from dsrecipes.train.models import load_model_config
 
     specs = layer_specs(load_model_config(os.path.join(ROOT, "configs/models/tiny_gpt2.json"), byte_tokenizer()))
     check_partition(specs, 2, "type:block")  # the default is fine

@@ -3,6 +3,7 @@ HF GPT-2 really saves for backward (saved-tensor hooks), --fit ranking, DeepSpee
 
 Run: .venv/bin/python -m pytest tests/test_planner.py -q        (fast; one CLI subprocess)
 """
+
 import json
 import os
 import subprocess
@@ -12,8 +13,17 @@ import torch
 
 from conftest import BIN, ROOT, child_env
 from dsrecipes import cli
-from dsrecipes.planner import (GPUS, ModelSpec, deepspeed_estimate, fit_search, fits, load_model_spec, plan_memory,
-                               spec_from_config, step_cost)
+from dsrecipes.memory.planner import (
+    GPUS,
+    ModelSpec,
+    deepspeed_estimate,
+    fit_search,
+    fits,
+    load_model_spec,
+    plan_memory,
+    spec_from_config,
+    step_cost,
+)
 
 TINY = os.path.join(ROOT, "configs/models/tiny_gpt2.json")
 
@@ -25,21 +35,24 @@ def model_states(plan):
 def test_zero_paper_worked_example():
     """Rajbhandari et al. 2020, Figure 1: 7.5B params, Nd = 64, K = 12 (mixed-precision Adam), GB = 1e9 bytes."""
     spec = ModelSpec("paper", int(7.5e9), layers=32, hidden=4096, heads=32, vocab=50257, ffn=16384)
-    got = [round(model_states(plan_memory(spec, zero_stage=z, gpus_per_node=8, nodes=8, precision="bf16")) / 1e9, 1)
-           for z in (0, 1, 2, 3)]
+    got = [
+        round(model_states(plan_memory(spec, zero_stage=z, gpus_per_node=8, nodes=8, precision="bf16")) / 1e9, 1)
+        for z in (0, 1, 2, 3)
+    ]
     assert got == [120.0, 31.4, 16.6, 1.9]
     # fp32 (our CPU runs): 4 + 4 + 8 bytes, no master copy without ZeRO; frozen parameters carry only their weights.
     assert model_states(plan_memory(spec, precision="fp32", seq_len=8)) == int(7.5e9) * 16
     assert model_states(plan_memory(spec, precision="fp32", frozen_fraction=0.5, seq_len=8)) == int(7.5e9) * 10
     # under ZeRO >= 1 DeepSpeed clones the rank's fp32 partition for the optimizer: ZeRO-3 fp32 = 20 Psi / Nd
-    assert model_states(plan_memory(spec, precision="fp32", zero_stage=3, gpus_per_node=8, seq_len=8)) == \
-        pytest.approx(7.5e9 * 20 / 8, rel=1e-9)
+    assert model_states(plan_memory(spec, precision="fp32", zero_stage=3, gpus_per_node=8, seq_len=8)) == pytest.approx(
+        7.5e9 * 20 / 8, rel=1e-9
+    )
 
 
 def test_exact_parameter_count_matches_the_built_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dsrecipes.models import count_parameters, load_model_config
+    from dsrecipes.train.models import count_parameters, load_model_config
 
     spec = load_model_spec(TINY, vocab=257)  # the byte tokenizer's vocabulary
     config = load_model_config(TINY)
@@ -68,15 +81,22 @@ def saved_bytes(model, ids):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("attention,dropout,precision,ckpt", [
-    ("sdpa", 0.1, "fp32", "none"), ("sdpa", 0.1, "fp32", "full"), ("eager", 0.1, "fp32", "none"),
-    ("sdpa", 0.0, "fp32", "none"), ("sdpa", 0.1, "bf16", "none")])
+@pytest.mark.parametrize(
+    "attention,dropout,precision,ckpt",
+    [
+        ("sdpa", 0.1, "fp32", "none"),
+        ("sdpa", 0.1, "fp32", "full"),
+        ("eager", 0.1, "fp32", "none"),
+        ("sdpa", 0.0, "fp32", "none"),
+        ("sdpa", 0.1, "bf16", "none"),
+    ],
+)
 def test_activation_formula_matches_saved_tensors(attention, dropout, precision, ckpt):
     """Tiny GPT-2 (4 x 128), micro-batch 4 x 64 tokens on CPU. The formula is calibrated term by term: today it is
     exact to the byte; 1% leaves room for small library changes."""
     from transformers import AutoModelForCausalLM
 
-    from dsrecipes.models import load_model_config
+    from dsrecipes.train.models import load_model_config
 
     torch.manual_seed(0)
     config = load_model_config(TINY)
@@ -88,8 +108,14 @@ def test_activation_formula_matches_saved_tensors(attention, dropout, precision,
     if ckpt == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     measured = saved_bytes(model, torch.randint(0, 257, (4, 64)))
-    plan = plan_memory(spec_from_config(config, "tiny", None), micro_batch=4, seq_len=64, precision=precision,
-                       device="cpu", checkpointing=ckpt)
+    plan = plan_memory(
+        spec_from_config(config, "tiny", None),
+        micro_batch=4,
+        seq_len=64,
+        precision=precision,
+        device="cpu",
+        checkpointing=ckpt,
+    )
     assert plan["detail"]["activations_saved_forward"] == pytest.approx(measured, rel=0.01)
     if ckpt == "full":  # backward recomputes one block at a time on top of the saved block inputs
         assert plan["activations"] == measured + plan["detail"]["activation_per_layer"]
@@ -107,8 +133,10 @@ def test_korthikanti_formula_in_16_bit():
 def test_checkpointing_offload_and_pipeline_move_memory():
     spec = load_model_spec(os.path.join(ROOT, "configs/models/gpt2_small.json"))
     base = dict(micro_batch=8, seq_len=1024, gpus_per_node=8)
-    none, full, every = (plan_memory(spec, checkpointing=c, every_k=3 if c == "every_k" else None, **base)
-                         for c in ("none", "full", "every_k"))
+    none, full, every = (
+        plan_memory(spec, checkpointing=c, every_k=3 if c == "every_k" else None, **base)
+        for c in ("none", "full", "every_k")
+    )
     assert full["activations"] < every["activations"] < none["activations"]
     assert every["detail"]["activations_recompute"] == 3 * none["detail"]["activation_per_layer"]
     z2, off = (plan_memory(spec, zero_stage=2, offload_optimizer=o, **base) for o in (False, True))
@@ -128,8 +156,10 @@ def test_fit_search_ranks_setups_that_fit():
     times = [r["relative_step_time"] for r in rows]
     assert times == sorted(times)
     assert not any(r["zero_stage"] == 0 for r in rows)  # 16 B/param = 120 GB cannot fit 40 GB
-    assert rows[0]["relative_step_time"] == min(step_cost(r["zero_stage"], r["offload_optimizer"], r["offload_param"],
-                                                          r["checkpointing"], r["optimizer"]) for r in rows)
+    assert rows[0]["relative_step_time"] == min(
+        step_cost(r["zero_stage"], r["offload_optimizer"], r["offload_param"], r["checkpointing"], r["optimizer"])
+        for r in rows
+    )
     tiny = fit_search(load_model_spec(TINY, vocab=257), "T4", micro_batch=8, seq_len=128)
     assert tiny[0]["zero_stage"] == 0 and tiny[0]["relative_step_time"] == 1.0
 
@@ -146,16 +176,19 @@ def test_deepspeed_estimator_and_where_it_differs():
     assert deepspeed_estimate(spec, 1) is None  # DeepSpeed has no stage-0/1 estimator
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--model", TINY, "--gpu", "Z80"], "GPU 'Z80'"),
-    (["--model", TINY, "--micro-batch", "-1"], "micro_batch"),
-    (["--model", "no/such/config.json"], "file not found"),
-    (["--model", TINY, "--optimizer", "adamw_3bit"], "unknown optimizer"),
-    (["--model", TINY, "--offload-param", "--zero", "2"], "needs ZeRO stage 3"),
-    (["--model", TINY, "--seq-len", "4096"], "exceeds"),
-    (["--model", "not-a-local-model-xyz"], "cannot read a model config"),
-    (["--layers", "4", "--hidden", "100", "--heads", "3"], "not divisible"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--model", TINY, "--gpu", "Z80"], "GPU 'Z80'"),
+        (["--model", TINY, "--micro-batch", "-1"], "micro_batch"),
+        (["--model", "no/such/config.json"], "file not found"),
+        (["--model", TINY, "--optimizer", "adamw_3bit"], "unknown optimizer"),
+        (["--model", TINY, "--offload-param", "--zero", "2"], "needs ZeRO stage 3"),
+        (["--model", TINY, "--seq-len", "4096"], "exceeds"),
+        (["--model", "not-a-local-model-xyz"], "cannot read a model config"),
+        (["--layers", "4", "--hidden", "100", "--heads", "3"], "not divisible"),
+    ],
+)
 def test_bad_input_is_one_line(argv, needle, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert cli.main(["plan", *argv]) == 2
@@ -164,8 +197,17 @@ def test_bad_input_is_one_line(argv, needle, capsys, monkeypatch):
 
 
 def test_human_table_and_gpu_table(capsys):
-    assert {"K80", "RTX-2080Ti", "V100-16GB", "V100-32GB", "A100-40GB", "A100-80GB", "H100-80GB", "H200-141GB",
-            "L4"} <= set(GPUS)
+    assert {
+        "K80",
+        "RTX-2080Ti",
+        "V100-16GB",
+        "V100-32GB",
+        "A100-40GB",
+        "A100-80GB",
+        "H100-80GB",
+        "H200-141GB",
+        "L4",
+    } <= set(GPUS)
     assert cli.main(["plan", "--model", TINY, "--vocab", "257", "--gpu", "k80", "--micro-batch", "8"]) == 0
     out = capsys.readouterr().out
     for word in ("parameters", "gradients", "optimizer states", "activations", "buffers", "total", "fits K80"):
@@ -174,11 +216,40 @@ def test_human_table_and_gpu_table(capsys):
 
 def test_cli_json_output_parses():
     # explicit numbers: the CLI then imports neither torch nor transformers
-    proc = subprocess.run([os.path.join(BIN, "dsrecipes"), "plan", "--layers", "4", "--hidden", "128", "--heads", "4",
-                           "--vocab", "257", "--zero", "2",
-                           "--gpus", "2", "--precision", "fp32", "--device", "cpu", "--micro-batch", "8", "--seq-len",
-                           "128", "--gpu", "T4", "--json"], cwd=ROOT, env=child_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            os.path.join(BIN, "dsrecipes"),
+            "plan",
+            "--layers",
+            "4",
+            "--hidden",
+            "128",
+            "--heads",
+            "4",
+            "--vocab",
+            "257",
+            "--zero",
+            "2",
+            "--gpus",
+            "2",
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--micro-batch",
+            "8",
+            "--seq-len",
+            "128",
+            "--gpu",
+            "T4",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     parts = ("parameters", "gradients", "optimizer_states", "activations", "buffers")

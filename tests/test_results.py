@@ -3,6 +3,7 @@ targets of {name, value, goal, met}), its Markdown shows every target with the s
 
 Run: .venv/bin/python -m pytest tests/test_results.py -q     (reads files only; the benchmarks are `make bench-*`)
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,11 @@ from dsrecipes.results import _fmt
 
 RESULTS = os.path.join(ROOT, "docs", "results")
 NAMES = sorted(f[:-5] for f in os.listdir(RESULTS) if f.endswith(".json"))
-PINNED = {line.split("==")[0].lower(): line.split("==")[1].strip()
-          for line in open(os.path.join(ROOT, "constraints.txt")) if "==" in line and not line.startswith("#")}
+PINNED = {
+    line.split("==")[0].lower(): line.split("==")[1].strip()
+    for line in open(os.path.join(ROOT, "constraints.txt"))
+    if "==" in line and not line.startswith("#")
+}
 
 
 def test_every_benchmark_has_results():

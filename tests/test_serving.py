@@ -6,6 +6,7 @@ Covers completions (plain, streamed, stop, seed), embeddings, /v1/models, /healt
 every bad-input class -> 4xx with an OpenAI error body (server still healthy), the API key, SIGTERM draining,
 and the one-line config errors.
 """
+
 from __future__ import annotations
 
 import base64
@@ -38,11 +39,32 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(models):
-    srv = Server(["--config", "configs/recipes/serve_cpu.yaml", "--model_name_or_path", models.gpt2,
-                  "--served_model_name", "tiny-gpt2", "--embedding_model_name_or_path", models.bert,
-                  "--embedding_model_name", "tiny-bert", "--max_batch_size", "8", "--max_wait_ms", "50",
-                  "--max_tokens_limit", "600", "--max_prompt_tokens", "64", "--max_body_bytes", "20000"],
-                 str(models.root / "server.log"), api_key=KEY)
+    srv = Server(
+        [
+            "--config",
+            "configs/recipes/serve_cpu.yaml",
+            "--model_name_or_path",
+            models.gpt2,
+            "--served_model_name",
+            "tiny-gpt2",
+            "--embedding_model_name_or_path",
+            models.bert,
+            "--embedding_model_name",
+            "tiny-bert",
+            "--max_batch_size",
+            "8",
+            "--max_wait_ms",
+            "50",
+            "--max_tokens_limit",
+            "600",
+            "--max_prompt_tokens",
+            "64",
+            "--max_body_bytes",
+            "20000",
+        ],
+        str(models.root / "server.log"),
+        api_key=KEY,
+    )
     yield srv
     assert srv.stop() == 0, srv.tail()
 
@@ -57,8 +79,10 @@ def test_completion_plain_and_seeded(server):
     # greedy is deterministic; sampling with a seed is reproducible, and differs across seeds
     texts = {server.complete("kolem", max_tokens=12)["choices"][0]["text"] for _ in range(2)}
     assert len(texts) == 1
-    sampled = [server.complete("kolem", max_tokens=24, temperature=1.0, top_p=0.9, seed=s)["choices"][0]["text"]
-               for s in (1, 1, 2)]
+    sampled = [
+        server.complete("kolem", max_tokens=24, temperature=1.0, top_p=0.9, seed=s)["choices"][0]["text"]
+        for s in (1, 1, 2)
+    ]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
 
 
@@ -66,7 +90,7 @@ def test_completion_list_prompt_and_stop(server):
     out = server.complete(["ba", "mi"], max_tokens=10)
     assert [c["index"] for c in out["choices"]] == [0, 1]
     full = server.complete("ba", max_tokens=30)["choices"][0]["text"]
-    assert out["choices"][0]["text"] == full[:len(out["choices"][0]["text"])]
+    assert out["choices"][0]["text"] == full[: len(out["choices"][0]["text"])]
     stop = full[10:12]
     cut = server.complete("ba", max_tokens=30, stop=[stop])["choices"][0]
     assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.find(stop)], (full, stop, cut)
@@ -74,7 +98,13 @@ def test_completion_list_prompt_and_stop(server):
 
 def test_completion_stream(server):
     plain = server.complete("fupatu", max_tokens=20)["choices"][0]["text"]
-    body = {"prompt": "fupatu", "max_tokens": 20, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": "fupatu",
+        "max_tokens": 20,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with server.client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r.iter_lines())
@@ -99,10 +129,13 @@ def test_embeddings(server, models):
     floats = struct.unpack(f"<{len(raw) // 4}f", raw)
     assert max(abs(a - b) for a, b in zip(floats, data[0]["embedding"])) < 1e-5
     # the same vector as the model run in-process
-    from dsrecipes.inference import embed
     from transformers import AutoModel, AutoTokenizer
 
-    ref, _ = embed(AutoModel.from_pretrained(models.bert).eval(), AutoTokenizer.from_pretrained(models.bert), ["hello world"])
+    from dsrecipes.serve.loading import embed
+
+    ref, _ = embed(
+        AutoModel.from_pretrained(models.bert).eval(), AutoTokenizer.from_pretrained(models.bert), ["hello world"]
+    )
     assert max(abs(a - b) for a, b in zip(ref[0].tolist(), data[0]["embedding"])) < 1e-4
 
 
@@ -115,19 +148,25 @@ def test_models_and_health(server):
 
 # ----------------------------------------------------------------------------- batching
 def _batches_over_one(server) -> int:
-    from dsrecipes.serving import parse_metrics
+    from dsrecipes.serve.api import parse_metrics
 
     m = parse_metrics(server.client.get("/metrics").text)
-    return sum(m[f'dsrecipes_batch_size_count{{kind="{k}"}}'] - m[f'dsrecipes_batch_size_bucket{{kind="{k}",le="1"}}']
-               for k in ("prefill", "decode") if f'dsrecipes_batch_size_count{{kind="{k}"}}' in m)
+    return sum(
+        m[f'dsrecipes_batch_size_count{{kind="{k}"}}'] - m[f'dsrecipes_batch_size_bucket{{kind="{k}",le="1"}}']
+        for k in ("prefill", "decode")
+        if f'dsrecipes_batch_size_count{{kind="{k}"}}' in m
+    )
 
 
 def test_concurrent_requests_are_batched_and_match_unbatched(server):
     alone = [server.complete(p, max_tokens=8 + 3 * i)["choices"][0]["text"] for i, p in enumerate(PROMPTS)]
     before = _batches_over_one(server)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        together = list(pool.map(lambda ip: server.complete(ip[1], max_tokens=8 + 3 * ip[0])["choices"][0]["text"],
-                                 enumerate(PROMPTS)))
+        together = list(
+            pool.map(
+                lambda ip: server.complete(ip[1], max_tokens=8 + 3 * ip[0])["choices"][0]["text"], enumerate(PROMPTS)
+            )
+        )
     assert together == alone  # left padding, position ids and cache merging change nothing
     assert _batches_over_one(server) > before  # /metrics saw forwards with more than one row
 
@@ -138,6 +177,7 @@ def test_short_requests_do_not_wait_for_a_long_one(server):
     def call(name, prompt, n):
         server.complete(prompt, max_tokens=n)
         done[name] = time.perf_counter()
+
     long = threading.Thread(target=call, args=("long", "ba", 500))
     long.start()
     time.sleep(0.3)  # the long one is decoding; short ones join its batch at the next step
@@ -208,9 +248,17 @@ def test_api_key_enforced(server):
 
 # ----------------------------------------------------------------------------- SIGTERM drains in-flight requests
 def test_sigterm_finishes_requests_in_flight(models):
-    srv = Server(["--model_name_or_path", models.gpt2, "--max_tokens_limit", "900", "--num_threads", "1"],
-                 str(models.root / "sigterm.log"))
-    body = {"prompt": "ba", "max_tokens": 900, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    srv = Server(
+        ["--model_name_or_path", models.gpt2, "--max_tokens_limit", "900", "--num_threads", "1"],
+        str(models.root / "sigterm.log"),
+    )
+    body = {
+        "prompt": "ba",
+        "max_tokens": 900,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     lines, signalled_at = [], None
     with srv.client.stream("POST", "/v1/completions", json=body) as r:
         for line in r.iter_lines():
@@ -232,18 +280,21 @@ def test_sigterm_finishes_requests_in_flight(models):
 
 
 # ----------------------------------------------------------------------------- configs that cannot work
-@pytest.mark.parametrize("flags,needle", [
-    (["--dtype", "int8", "--engine", "deepspeed"], "DeepSpeed #8577"),
-    (["--quantization", "torch_int8_dynamic", "--engine", "deepspeed"], "DeepSpeed #8577"),
-    (["--dtype", "fp16"], "fp16 needs a GPU"),
-    (["--quantization", "bnb_int8"], "needs a CUDA GPU"),
-    (["--kernel_inject", "true", "--engine", "deepspeed"], "kernel injection"),
-    (["--tp_size", "2", "--engine", "deepspeed"], "process(es) were launched"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--dtype", "int8", "--engine", "deepspeed"], "DeepSpeed #8577"),
+        (["--quantization", "torch_int8_dynamic", "--engine", "deepspeed"], "DeepSpeed #8577"),
+        (["--dtype", "fp16"], "fp16 needs a GPU"),
+        (["--quantization", "bnb_int8"], "needs a CUDA GPU"),
+        (["--kernel_inject", "true", "--engine", "deepspeed"], "kernel injection"),
+        (["--tp_size", "2", "--engine", "deepspeed"], "process(es) were launched"),
+    ],
+)
 def test_config_errors_are_one_line(flags, needle):
-    from dsrecipes.args import RECIPES, parse_args
-    from dsrecipes.errors import ConfigError
-    from dsrecipes.inference import check_serve_args
+    from dsrecipes.config.args import RECIPES, parse_args
+    from dsrecipes.config.errors import ConfigError
+    from dsrecipes.serve.loading import check_serve_args
 
     args, _ = parse_args(RECIPES["serve"], ["--model_name_or_path", "x", *flags])
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -251,7 +302,13 @@ def test_config_errors_are_one_line(flags, needle):
 
 
 def test_recipe_prints_one_line_and_exits_2():
-    proc = subprocess.run([sys.executable, "recipes/serve.py", "--model_name_or_path", "x", "--dtype", "int8",
-                           "--engine", "deepspeed"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "recipes/serve.py", "--model_name_or_path", "x", "--dtype", "int8", "--engine", "deepspeed"],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(err) == 1 and "#8577" in err[0] and "Traceback" not in proc.stderr

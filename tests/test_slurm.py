@@ -1,12 +1,14 @@
 """The SLURM jobs in slurm/ for real: a 2-node cluster on 127.0.0.1 (slurm/testing/cluster.sh, started once for
 this module), real sbatch, real srun, real `accelerate launch` on each node.
 
-Run: make test-slurm   (= .venv/bin/python -m pytest tests/test_slurm.py -q -m slurm; 7 jobs, about 6-7 minutes on 2 cores)
+Run: make test-slurm   (= .venv/bin/python -m pytest tests/test_slurm.py -q -m slurm;
+     7 jobs, about 6-7 minutes on 2 cores)
 Needs root and Debian's slurmctld slurmd slurm-client munge (`make setup-slurm`); without them these tests skip.
 Covers: train.sbatch on 2 nodes x 1 process with ZeRO-2; USR1 -> checkpoint -> requeue -> resume -> the same final
 loss and weights as the uninterrupted run; a bad config fails the job fast with its one-line error; distill.sbatch
 and pipeline.sbatch on 2 nodes; serve.sbatch answers /health and is cancelled cleanly; `make slurm-train` output.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,19 +26,41 @@ from conftest import ROOT, child_env, free_port, read_jsonl, summary
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 NEEDED = ["sbatch", "srun", "scontrol", "scancel", "sinfo", "slurmctld", "slurmd", "munged"]
 MISSING = [b for b in NEEDED if shutil.which(b, path=SBIN) is None]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-            "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 # The same tiny run for the uninterrupted and the preempted job: only output_dir differs.
 STEPS = 20
-TRAIN_ARGS = ["--max_steps", str(STEPS), "--logging_steps", "1", "--eval_steps", str(STEPS), "--save_steps", "0",
-              "--report_to", "none"]
+TRAIN_ARGS = [
+    "--max_steps",
+    str(STEPS),
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    str(STEPS),
+    "--save_steps",
+    "0",
+    "--report_to",
+    "none",
+]
 
 
 def slurm_test(fn):
     """Marks a test that needs the local cluster: @pytest.mark.slurm, skipped with the reason where it cannot run."""
     fn = pytest.mark.skipif(os.geteuid() != 0, reason="the local SLURM test cluster runs slurmd, which needs root")(fn)
-    fn = pytest.mark.skipif(bool(MISSING), reason=f"SLURM is not installed ({', '.join(MISSING)} missing): run "
-                            "`make setup-slurm` (Debian packages slurmctld slurmd slurm-client munge)")(fn)
+    fn = pytest.mark.skipif(
+        bool(MISSING),
+        reason=f"SLURM is not installed ({', '.join(MISSING)} missing): run "
+        "`make setup-slurm` (Debian packages slurmctld slurmd slurm-client munge)",
+    )(fn)
     return pytest.mark.slurm(fn)
 
 
@@ -65,16 +89,23 @@ class Cluster:
         self.env = child_env(SLURM_CONF=os.path.join(root, "slurm.conf"), PATH=SBIN)
 
     def sh(self, *cmd, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(cmd), cwd=ROOT, env=kw.pop("env", self.env), capture_output=True, text=True,
-                              timeout=timeout, **kw)
+        proc = subprocess.run(
+            list(cmd), cwd=ROOT, env=kw.pop("env", self.env), capture_output=True, text=True, timeout=timeout, **kw
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc
 
     def submit(self, script: str, *args: str, env: dict | None = None) -> str:
         """sbatch from the repository root (the submit dir the scripts cd to); logs go under the test's tmp dir."""
-        out = self.sh("sbatch", "--parsable", f"--output={self.logs}/%x-%j.out", f"slurm/{script}", *args,
-                      env={**self.env, **(env or {})}).stdout
+        out = self.sh(
+            "sbatch",
+            "--parsable",
+            f"--output={self.logs}/%x-%j.out",
+            f"slurm/{script}",
+            *args,
+            env={**self.env, **(env or {})},
+        ).stdout
         return out.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict:
@@ -94,8 +125,9 @@ class Cluster:
                 return info
             if time.time() > deadline:
                 self.sh("scancel", job_id, check=False)
-                raise AssertionError(f"job {job_id} still {info['JobState']} after {timeout}s; log tail:\n"
-                                     f"{self.log(job_id)[-3000:]}")
+                raise AssertionError(
+                    f"job {job_id} still {info['JobState']} after {timeout}s; log tail:\n{self.log(job_id)[-3000:]}"
+                )
             time.sleep(0.5)
 
     def jobcomp(self, job_id: str) -> list[dict]:
@@ -172,11 +204,15 @@ def test_train_two_nodes_zero2(cluster, train_job):
     losses = [r["loss"] for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in r]
     assert len(losses) == STEPS and losses[-1] < losses[0] - 1.0, losses
     ckpt = os.path.join(out, "checkpoints", f"step_{STEPS:08d}")
-    assert os.path.isfile(os.path.join(ckpt, "trainer_state.json")) and os.path.isdir(os.path.join(ckpt, "pytorch_model"))
+    assert os.path.isfile(os.path.join(ckpt, "trainer_state.json")) and os.path.isdir(
+        os.path.join(ckpt, "pytorch_model")
+    )
     assert os.path.isfile(os.path.join(out, "final", "model.safetensors"))
     # both slurmd "nodes" ran a task of the job's step 0
     for node in ("n1", "n2"):
-        assert f"StepId={train_job['id']}.0" in open(os.path.join(cluster.root, "log", f"slurmd-{node}.log")).read(), node
+        assert f"StepId={train_job['id']}.0" in open(os.path.join(cluster.root, "log", f"slurmd-{node}.log")).read(), (
+            node
+        )
     print(f"train.sbatch job wall time {train_job['wall']:.1f}s")
 
 
@@ -217,8 +253,10 @@ def test_bad_config_fails_the_job_fast_with_one_line(cluster, tmp_path):
     t0 = time.time()
     recipe_job = cluster.submit("train.sbatch", "--config", str(bad), "--output_dir", str(tmp_path / "out"))
     launcher_job = cluster.submit("train.sbatch", "--config", str(tmp_path / "missing.yaml"))
-    for job_id, key, needle in ((recipe_job, "learning_rate", f"error: {bad}: learning_rate: expected a number"),
-                                (launcher_job, "slurm/launch.sh", "error: slurm/launch.sh: --config: ")):
+    for job_id, key, needle in (
+        (recipe_job, "learning_rate", f"error: {bad}: learning_rate: expected a number"),
+        (launcher_job, "slurm/launch.sh", "error: slurm/launch.sh: --config: "),
+    ):
         info = cluster.wait(job_id, timeout=300)
         log = cluster.log(job_id)
         assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info["ExitCode"], log[-3000:])
@@ -232,7 +270,9 @@ def test_bad_config_fails_the_job_fast_with_one_line(cluster, tmp_path):
 
 @slurm_test
 def test_make_slurm_train_prints_job_id_and_log(cluster):
-    proc = cluster.sh("make", "--no-print-directory", "slurm-train", f"SBATCH_ARGS=--hold --output={cluster.logs}/%x-%j.out")
+    proc = cluster.sh(
+        "make", "--no-print-directory", "slurm-train", f"SBATCH_ARGS=--hold --output={cluster.logs}/%x-%j.out"
+    )
     m = re.search(r"submitted job (\d+); log: (\S+)", proc.stdout)
     assert m, proc.stdout
     try:
@@ -253,9 +293,23 @@ def test_distill_two_nodes(cluster, train_job, tmp_path):
     _need_recipe("distill")
     out = str(tmp_path / "run")
     t0 = time.time()
-    job_id = cluster.submit("distill.sbatch", "--teacher_name_or_path", os.path.join(train_job["out"], "final"),
-                            "--max_steps", "8", "--logging_steps", "1", "--eval_steps", "8", "--scratch_baseline", "false",
-                            "--report_to", "none", "--output_dir", out)
+    job_id = cluster.submit(
+        "distill.sbatch",
+        "--teacher_name_or_path",
+        os.path.join(train_job["out"], "final"),
+        "--max_steps",
+        "8",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "8",
+        "--scratch_baseline",
+        "false",
+        "--report_to",
+        "none",
+        "--output_dir",
+        out,
+    )
     info = cluster.wait(job_id, timeout=600)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), cluster.log(job_id)[-3000:]
     losses = [r["loss"] for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in r]
@@ -270,9 +324,25 @@ def test_pipeline_two_stages_one_per_node(cluster, tmp_path):
     _need_recipe("train_pipeline")
     out = str(tmp_path / "run")
     t0 = time.time()
-    job_id = cluster.submit("pipeline.sbatch", "--max_steps", "4", "--warmup_steps", "0", "--gradient_accumulation_steps",
-                            "2", "--logging_steps", "1", "--eval_steps", "4", "--save_steps", "0", "--report_to", "none",
-                            "--output_dir", out)
+    job_id = cluster.submit(
+        "pipeline.sbatch",
+        "--max_steps",
+        "4",
+        "--warmup_steps",
+        "0",
+        "--gradient_accumulation_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "4",
+        "--save_steps",
+        "0",
+        "--report_to",
+        "none",
+        "--output_dir",
+        out,
+    )
     info = cluster.wait(job_id, timeout=600)
     log = cluster.log(job_id)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
@@ -292,8 +362,12 @@ def test_serve_answers_health_and_cancels_cleanly(cluster, train_job):
     _need_recipe("serve")
     port = free_port()
     t0 = time.time()
-    job_id = cluster.submit("serve.sbatch", "--model_name_or_path", os.path.join(train_job["out"], "final"),
-                            env={"SERVE_HOST": "127.0.0.1", "SERVE_PORT": str(port)})
+    job_id = cluster.submit(
+        "serve.sbatch",
+        "--model_name_or_path",
+        os.path.join(train_job["out"], "final"),
+        env={"SERVE_HOST": "127.0.0.1", "SERVE_PORT": str(port)},
+    )
     url, deadline, body = f"http://127.0.0.1:{port}/health", time.time() + 300, None
     while body is None:
         assert time.time() < deadline and cluster.job(job_id)["JobState"] not in TERMINAL, cluster.log(job_id)[-3000:]

@@ -1,9 +1,11 @@
 """recipes/train_lm.py for real: ZeRO 0-3 + offload with 1 and 2 processes, exact resume, crash-safe checkpoints,
 the exported final/ model, and one-line errors for bad input.
 
-Run: .venv/bin/python -m pytest tests/test_train_lm.py -q     (about 5 minutes on a quiet machine; ZeRO-Offload JIT-compiles
+Run: .venv/bin/python -m pytest tests/test_train_lm.py -q
+     (about 5 minutes on a quiet machine; ZeRO-Offload JIT-compiles
 cpu_adam once, about 3.5 minutes more on a fresh machine)
 """
+
 import os
 import signal
 import subprocess
@@ -11,12 +13,31 @@ import time
 
 import pytest
 
-from conftest import DS_YAML, ROOT, TINY, launch_cmd, read_jsonl, run, summary, train_curve
+from conftest import ROOT, TINY, launch_cmd, run, summary, train_curve
 
 STEPS = 8
-COMMON = ["--config", TINY, "--max_steps", str(STEPS), "--logging_steps", "1", "--eval_steps", "4",
-          "--save_steps", "4", "--report_to", "none", "--per_device_train_batch_size", "4",
-          "--generated_docs", "300", "--eval_docs", "40", "--warmup_steps", "2"]
+COMMON = [
+    "--config",
+    TINY,
+    "--max_steps",
+    str(STEPS),
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    "4",
+    "--save_steps",
+    "4",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--generated_docs",
+    "300",
+    "--eval_docs",
+    "40",
+    "--warmup_steps",
+    "2",
+]
 STAGES = ["zero0", "zero1", "zero2", "zero3", "zero2_offload"]
 _runs: dict = {}
 
@@ -25,8 +46,12 @@ def train(tmp_root, stage: str, nproc: int, *extra, **env):
     key = (stage, nproc, extra)
     if key not in _runs:
         out = os.path.join(tmp_root, f"{stage}_{nproc}p_{len(_runs)}")
-        cmd = launch_cmd("recipes/train_lm.py", COMMON + ["--output_dir", out, *extra],
-                         deepspeed=f"configs/deepspeed/{stage}.json", num_processes=nproc)
+        cmd = launch_cmd(
+            "recipes/train_lm.py",
+            COMMON + ["--output_dir", out, *extra],
+            deepspeed=f"configs/deepspeed/{stage}.json",
+            num_processes=nproc,
+        )
         run(cmd, timeout=900, **env)
         _runs[key] = out
     return _runs[key]
@@ -47,7 +72,12 @@ def test_zero_stages_give_the_same_loss_curve(tmp_root, nproc):
     for stage in ("zero1", "zero2", "zero3"):
         # Same math, same data; with 2 ranks the partitioned reductions sum in another order (last-bit noise).
         assert [d for _, _, d in curves[stage]] == [d for _, _, d in ref], f"{stage}: other data order"
-        assert all(abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(curves[stage], ref)), (stage, nproc, curves[stage], ref)
+        assert all(abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(curves[stage], ref)), (
+            stage,
+            nproc,
+            curves[stage],
+            ref,
+        )
     # DeepSpeedCPUAdam is another implementation of the same update: equal to float tolerance, same data.
     off = curves["zero2_offload"]
     assert [d for _, _, d in off] == [d for _, _, d in ref]
@@ -71,14 +101,12 @@ def test_two_processes_split_the_data(tmp_root):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_final_model_loads_and_gives_the_engine_eval_loss(tmp_root, stage):
-    import argparse
-    import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dsrecipes.args import DataArguments, parse_args
-    from dsrecipes.data import build_lm_datasets
+    from dsrecipes.config.args import DataArguments, parse_args
+    from dsrecipes.train.data import build_lm_datasets
 
     out = train(tmp_root, stage, 2)
     final = os.path.join(out, "final")
@@ -87,8 +115,11 @@ def test_final_model_loads_and_gives_the_engine_eval_loss(tmp_root, stage):
     args, _ = parse_args((DataArguments,), ["--generated_docs", "300", "--eval_docs", "40"])
     _, eval_ds, _ = build_lm_datasets(args, tok)
     with torch.no_grad():
-        losses = [model(input_ids=eval_ds[i : i + 16]["input_ids"], labels=eval_ds[i : i + 16]["labels"]).loss
-                  * len(eval_ds[i : i + 16]["input_ids"]) for i in range(0, len(eval_ds), 16)]
+        losses = [
+            model(input_ids=eval_ds[i : i + 16]["input_ids"], labels=eval_ds[i : i + 16]["labels"]).loss
+            * len(eval_ds[i : i + 16]["input_ids"])
+            for i in range(0, len(eval_ds), 16)
+        ]
     loss = float(sum(losses) / len(eval_ds))
     assert abs(loss - summary(out)["final_eval_loss"]) < 1e-4
 
@@ -100,8 +131,11 @@ def test_kill_during_checkpoint_write_then_resume_is_exact(tmp_root):
     out = os.path.join(tmp_root, "crashy")
     base = COMMON + ["--output_dir", out]
     # Die (SIGKILL) inside the step-8 checkpoint write: after save_state, before the rename.
-    proc = run(launch_cmd("recipes/train_lm.py", base, deepspeed="configs/deepspeed/zero2.json"), check=False,
-               DSRECIPES_FAULT_KILL_IN_SAVE=STEPS)
+    proc = run(
+        launch_cmd("recipes/train_lm.py", base, deepspeed="configs/deepspeed/zero2.json"),
+        check=False,
+        DSRECIPES_FAULT_KILL_IN_SAVE=STEPS,
+    )
     assert proc.returncode != 0
     ckpts = os.path.join(out, "checkpoints")
     assert open(os.path.join(ckpts, "latest")).read().strip() == "step_00000004"
@@ -121,7 +155,7 @@ def test_resaving_a_step_swaps_it_atomically(tmp_path):
     is in place; a crash between the two renames leaves the old copy, which the next start puts back."""
     import types
 
-    from dsrecipes.checkpointing import STATE_FILE, Checkpoints
+    from dsrecipes.train.checkpoints import STATE_FILE, Checkpoints
 
     def save_state(path):
         os.makedirs(path)
@@ -158,7 +192,9 @@ def test_sigusr1_checkpoints_and_resume_matches_straight_run(tmp_root):
     while time.time() < deadline and not os.path.exists(metrics):
         time.sleep(0.05)
     # Signal the training ranks (as SLURM's --signal does), not the launcher.
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "recipes/train_lm.py" in " ".join(p.cmdline())]
+    workers = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "recipes/train_lm.py" in " ".join(p.cmdline())
+    ]
     assert len(workers) == 2
     for p in workers:
         p.send_signal(signal.SIGUSR1)
@@ -176,9 +212,26 @@ def test_sigusr1_checkpoints_and_resume_matches_straight_run(tmp_root):
 @pytest.mark.slow
 def test_loss_falls_well_below_unigram_entropy(tmp_path):
     out = str(tmp_path / "learn")
-    run(launch_cmd("recipes/train_lm.py", ["--config", TINY, "--max_steps", "60", "--output_dir", out,
-                                           "--report_to", "tensorboard", "--save_steps", "0", "--eval_steps", "30"],
-                   accelerate_config="configs/accelerate/cpu_1proc.yaml"))
+    run(
+        launch_cmd(
+            "recipes/train_lm.py",
+            [
+                "--config",
+                TINY,
+                "--max_steps",
+                "60",
+                "--output_dir",
+                out,
+                "--report_to",
+                "tensorboard",
+                "--save_steps",
+                "0",
+                "--eval_steps",
+                "30",
+            ],
+            accelerate_config="configs/accelerate/cpu_1proc.yaml",
+        )
+    )
     s = summary(out)
     assert s["final_eval_loss"] < 0.85 * s["unigram_entropy"], s
     assert os.listdir(os.path.join(out, "tensorboard"))  # tracker wrote event files
@@ -186,16 +239,22 @@ def test_loss_falls_well_below_unigram_entropy(tmp_path):
 
 
 # ---------------------------------------------------------------------------- bad input: one line, exit 2
-@pytest.mark.parametrize("args,needle", [
-    (["--config", "configs/recipes/nope.yaml"], "error: configs/recipes/nope.yaml: --config: file not found"),
-    (["--config", "BADYAML"], "invalid YAML"),
-    (["--config", TINY, "--model_name_or_path", "/nonexistent/model"], "error: <args>: model_name_or_path: cannot load"),
-    (["--config", "UNKNOWNKEY"], "learning_rat: unknown key"),
-    (["--config", TINY, "--max_stepz", "3"], "error: <cli>: --max_stepz: unknown argument"),
-    (["--config", TINY, "--optimizer", "sgd"], "invalid choice"),
-    (["--config", TINY, "--dataset", "missing.jsonl"], "error: <args>: dataset: file not found: 'missing.jsonl'"),
-    (["--config", "STRINGNUM"], "max_steps: expected a number, got str '10'"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--config", "configs/recipes/nope.yaml"], "error: configs/recipes/nope.yaml: --config: file not found"),
+        (["--config", "BADYAML"], "invalid YAML"),
+        (
+            ["--config", TINY, "--model_name_or_path", "/nonexistent/model"],
+            "error: <args>: model_name_or_path: cannot load",
+        ),
+        (["--config", "UNKNOWNKEY"], "learning_rat: unknown key"),
+        (["--config", TINY, "--max_stepz", "3"], "error: <cli>: --max_stepz: unknown argument"),
+        (["--config", TINY, "--optimizer", "sgd"], "invalid choice"),
+        (["--config", TINY, "--dataset", "missing.jsonl"], "error: <args>: dataset: file not found: 'missing.jsonl'"),
+        (["--config", "STRINGNUM"], "max_steps: expected a number, got str '10'"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, args, needle):
     import sys
 
@@ -204,6 +263,8 @@ def test_bad_input_is_one_line(tmp_path, args, needle):
         path = tmp_path / "r.yaml"
         path.write_text(files[args[1]])
         args = ["--config", str(path)]
-    proc = run([sys.executable, "recipes/train_lm.py", *args, "--output_dir", str(tmp_path / "o")], check=False, timeout=120)
+    proc = run(
+        [sys.executable, "recipes/train_lm.py", *args, "--output_dir", str(tmp_path / "o")], check=False, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

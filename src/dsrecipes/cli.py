@@ -6,18 +6,19 @@
 
 Each subcommand lives in its own module exposing add_arguments(parser) and run(namespace) -> exit code.
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-from dsrecipes.errors import ConfigError, ConfigErrors
+from dsrecipes.config.errors import ConfigError, ConfigErrors
 
 COMMANDS = {
-    "check": ("dsrecipes.check", "lint accelerate/DeepSpeed/recipe configs"),
-    "plan": ("dsrecipes.planner", "predict per-GPU training memory and what makes a run fit"),
-    "loadgen": ("dsrecipes.loadgen", "drive a running dsrecipes server and report latency/throughput"),
+    "check": ("dsrecipes.config.check", "lint accelerate/DeepSpeed/recipe configs"),
+    "plan": ("dsrecipes.memory.planner", "predict per-GPU training memory and what makes a run fit"),
+    "loadgen": ("dsrecipes.serve.loadgen", "drive a running dsrecipes server and report latency/throughput"),
 }
 
 

@@ -6,6 +6,7 @@ JSON shape: {"name", "machine", "versions", "rows": [...], "targets": [{name, va
 The Markdown holds the machine, the versions, the targets table and the rows table. `plot(fig_path)` draws
 the PNG with matplotlib.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -69,18 +70,41 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_results(name: str, rows: list[dict], targets: list[dict], plot=None, columns=None, notes: str = "",
-                  out_dir: str = "docs/results", command: str = "") -> dict:
+def write_results(
+    name: str,
+    rows: list[dict],
+    targets: list[dict],
+    plot=None,
+    columns=None,
+    notes: str = "",
+    out_dir: str = "docs/results",
+    command: str = "",
+) -> dict:
     os.makedirs(out_dir, exist_ok=True)
-    doc = {"name": name, "command": command, "machine": machine_info(), "versions": versions(), "rows": rows,
-           "targets": targets, "notes": notes}
+    doc = {
+        "name": name,
+        "command": command,
+        "machine": machine_info(),
+        "versions": versions(),
+        "rows": rows,
+        "targets": targets,
+        "notes": notes,
+    }
     base = os.path.join(out_dir, name)
     with open(base + ".json", "w") as fh:
         json.dump(doc, fh, indent=2, default=str)
-    md = [f"# {name}\n", f"Command: `{command}`\n" if command else "", notes + "\n" if notes else "",
-          "## Targets\n", markdown_table(targets, ["name", "value", "goal", "met"]), "\n## Measurements\n",
-          markdown_table(rows, columns), "\n## Machine and versions\n",
-          markdown_table([doc["machine"]]), markdown_table([doc["versions"]])]
+    md = [
+        f"# {name}\n",
+        f"Command: `{command}`\n" if command else "",
+        notes + "\n" if notes else "",
+        "## Targets\n",
+        markdown_table(targets, ["name", "value", "goal", "met"]),
+        "\n## Measurements\n",
+        markdown_table(rows, columns),
+        "\n## Machine and versions\n",
+        markdown_table([doc["machine"]]),
+        markdown_table([doc["versions"]]),
+    ]
     if plot is not None:
         import matplotlib
 

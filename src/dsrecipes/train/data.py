@@ -6,6 +6,7 @@
 Sources: 'generated' (default, no network), a local .txt/.json/.jsonl/.parquet file, or a hub dataset name
 (needs a network; the same `datasets.load_dataset` call users already know).
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ import os
 import random
 from collections import Counter
 
-from dsrecipes.errors import ConfigError
+from dsrecipes.config.errors import ConfigError
 
 EOS = "<|endoftext|>"
 
@@ -61,8 +62,12 @@ def load_tokenizer(tokenizer_name_or_path: str | None, model_name_or_path: str |
             tok = AutoTokenizer.from_pretrained(src)
         except Exception as exc:  # noqa: BLE001 - any load failure is a user-fixable input problem
             if src is tokenizer_name_or_path:
-                raise ConfigError("<args>", "tokenizer_name_or_path", f"cannot load tokenizer {src!r} ({type(exc).__name__})",
-                                  "give a directory with tokenizer.json, or a hub name with a network") from None
+                raise ConfigError(
+                    "<args>",
+                    "tokenizer_name_or_path",
+                    f"cannot load tokenizer {src!r} ({type(exc).__name__})",
+                    "give a directory with tokenizer.json, or a hub name with a network",
+                ) from None
             continue  # model dir without a tokenizer: fall back to the byte tokenizer
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
@@ -119,14 +124,22 @@ def _load_raw(args):
         try:
             ds = datasets.load_dataset(builders[ext], data_files={"train": path}, split="train")
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError("<args>", "dataset", f"cannot read {path!r} ({type(exc).__name__}: {str(exc)[:120]})",
-                              "check the file's format") from None
+            raise ConfigError(
+                "<args>",
+                "dataset",
+                f"cannot read {path!r} ({type(exc).__name__}: {str(exc)[:120]})",
+                "check the file's format",
+            ) from None
     else:
         try:
             dd = datasets.load_dataset(path, args.dataset_config)
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError("<args>", "dataset", f"cannot load hub dataset {path!r} ({type(exc).__name__})",
-                              "give a local file, 'generated', or a hub name with a network (HF_DATASETS_OFFLINE=0)") from None
+            raise ConfigError(
+                "<args>",
+                "dataset",
+                f"cannot load hub dataset {path!r} ({type(exc).__name__})",
+                "give a local file, 'generated', or a hub name with a network (HF_DATASETS_OFFLINE=0)",
+            ) from None
         if "validation" in dd:
             return dd["train"], dd["validation"], _text_column(dd["train"], args)
         ds = dd["train"]
@@ -137,8 +150,12 @@ def _load_raw(args):
 
 def _text_column(ds, args) -> str:
     if args.text_column not in ds.column_names:
-        raise ConfigError("<args>", "text_column", f"{args.text_column!r} is not a column (columns: {ds.column_names})",
-                          "set text_column to the column holding the text")
+        raise ConfigError(
+            "<args>",
+            "text_column",
+            f"{args.text_column!r} is not a column (columns: {ds.column_names})",
+            "set text_column to the column holding the text",
+        )
     return args.text_column
 
 
@@ -175,10 +192,18 @@ def build_lm_datasets(args, tokenizer):
     train = tokenize_and_group(raw_train, tokenizer, col, args.block_size)
     evl = tokenize_and_group(raw_eval, tokenizer, col, args.block_size)
     if len(train) == 0 or len(evl) == 0:
-        raise ConfigError("<args>", "dataset", f"too little text for one block of {args.block_size} tokens",
-                          "use more data or a smaller block_size")
-    info = {"train_blocks": len(train), "eval_blocks": len(evl), "block_size": args.block_size,
-            "unigram_entropy": unigram_entropy(train)}
+        raise ConfigError(
+            "<args>",
+            "dataset",
+            f"too little text for one block of {args.block_size} tokens",
+            "use more data or a smaller block_size",
+        )
+    info = {
+        "train_blocks": len(train),
+        "eval_blocks": len(evl),
+        "block_size": args.block_size,
+        "unigram_entropy": unigram_entropy(train),
+    }
     train.set_format("torch")
     evl.set_format("torch")
     return train, evl, info

@@ -6,6 +6,7 @@ The YAML gives values, `--key value` flags override them, and an unknown key in 
 Every field of every recipe lives here so that `dsrecipes check --recipe R.yaml` can validate any recipe
 config without importing the recipe script.
 """
+
 import argparse
 import dataclasses
 import difflib
@@ -16,7 +17,7 @@ from typing import Optional
 
 import yaml
 
-from dsrecipes.errors import ConfigError
+from dsrecipes.config.errors import ConfigError
 
 
 def _f(default, help: str, **kw):
@@ -33,7 +34,9 @@ class ModelArguments:
         None, "Tokenizer dir or hub name. Unset: the model dir's tokenizer, else the built-in byte tokenizer."
     )
     gradient_checkpointing: str = _f(
-        "none", "Activation checkpointing: none | full | every_k | deepspeed.", choices=["none", "full", "every_k", "deepspeed"]
+        "none",
+        "Activation checkpointing: none | full | every_k | deepspeed.",
+        choices=["none", "full", "every_k", "deepspeed"],
     )
     gradient_checkpointing_reentrant: bool = _f(False, "Use reentrant torch.utils.checkpoint (HF full mode).")
     checkpoint_every_k: int = _f(0, "every_k mode: checkpoint every k-th block; 0 = round(sqrt(n_layer)).")
@@ -41,21 +44,33 @@ class ModelArguments:
     freeze_first_n_blocks: int = _f(0, "Static freezing: freeze the first n transformer blocks.")
     freeze_patterns: list[str] = _f([], "Static freezing: regexes of parameter names to freeze.")
     freeze_schedule: str = _f(
-        "none", "Progressive freezing from the front (embeddings with block 0): none | linear | cubic (FreezeOut-style "
+        "none",
+        "Progressive freezing from the front (embeddings with block 0): none | linear | cubic (FreezeOut-style "
         "schedule) | adaptive (AutoFreeze-style, by gradient-norm change). Rebuilds the engine at each freeze point.",
-        choices=["none", "linear", "cubic", "adaptive"])
-    freeze_progressive_blocks: int = _f(0, "Progressive freezing: leading blocks that may freeze; 0 = all but the last.")
-    freeze_start: float = _f(0.3, "Progressive: fraction of max_steps when the first block freezes (adaptive: earliest).")
+        choices=["none", "linear", "cubic", "adaptive"],
+    )
+    freeze_progressive_blocks: int = _f(
+        0, "Progressive freezing: leading blocks that may freeze; 0 = all but the last."
+    )
+    freeze_start: float = _f(
+        0.3, "Progressive: fraction of max_steps when the first block freezes (adaptive: earliest)."
+    )
     freeze_end: float = _f(0.7, "linear/cubic: fraction of max_steps when the last progressive block freezes.")
     freeze_check_steps: int = _f(10, "adaptive: steps per gradient-norm interval.")
     freeze_threshold: float = _f(0.1, "adaptive: freeze a block when its grad-norm relative change stays below this...")
     freeze_window: int = _f(2, "adaptive: ...for this many intervals in a row.")
-    freeze_cache: str = _f("none", "Frozen-prefix cache: none | memory | disk (reuse each sample's frozen-prefix output).",
-                           choices=["none", "memory", "disk"])
+    freeze_cache: str = _f(
+        "none",
+        "Frozen-prefix cache: none | memory | disk (reuse each sample's frozen-prefix output).",
+        choices=["none", "memory", "disk"],
+    )
     freeze_cache_max_mb: int = _f(1024, "Prefix cache bound per process in MiB; rows beyond it are recomputed.")
     freeze_cache_dir: Optional[str] = _f(None, "freeze_cache disk: directory (default: a temp dir removed at exit).")
-    freeze_untie_head: bool = _f(True, "Tied input/output embeddings (GPT-2): when the embeddings freeze, the LM head "
-                                 "gets its own trainable copy and keeps learning; false: it freezes with them.")
+    freeze_untie_head: bool = _f(
+        True,
+        "Tied input/output embeddings (GPT-2): when the embeddings freeze, the LM head "
+        "gets its own trainable copy and keeps learning; false: it freezes with them.",
+    )
 
 
 @dataclass
@@ -139,10 +154,14 @@ def validate_values(values: dict, dataclass_types, where: str) -> None:
         if value is None:
             continue
         if want in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(where, key, f"expected a number, got {type(value).__name__} {value!r}",
-                              f"write it unquoted, e.g. {key}: {_example(want)}")
+            raise ConfigError(
+                where,
+                key,
+                f"expected a number, got {type(value).__name__} {value!r}",
+                f"write it unquoted, e.g. {key}: {_example(want)}",
+            )
         if want is int and isinstance(value, float) and not value.is_integer():
-            raise ConfigError(where, key, f"expected an integer, got {value!r}", f"write a whole number")
+            raise ConfigError(where, key, f"expected an integer, got {value!r}", "write a whole number")
         if want is bool and not isinstance(value, bool):
             raise ConfigError(where, key, f"expected true/false, got {value!r}", "write true or false")
         if want is str and not isinstance(value, str):
@@ -167,7 +186,9 @@ def load_yaml(path: str) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         pos = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(path, "-", f"invalid YAML{pos} ({getattr(exc, 'problem', exc)})", "fix the YAML syntax") from None
+        raise ConfigError(
+            path, "-", f"invalid YAML{pos} ({getattr(exc, 'problem', exc)})", "fix the YAML syntax"
+        ) from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -206,16 +227,22 @@ def as_dict(ns) -> dict:
 @dataclass
 class PipelineArguments:
     """recipes/train_pipeline.py: the DeepSpeed pipeline engine (the `pipeline` settings live here, not in the JSON)."""
+
     num_stages: int = _f(2, "Pipeline stages; the world size must be a multiple of it (the rest is data parallel).")
     partition_method: str = _f(
-        "type:block", "How layers are split over stages: parameters | uniform | type:<regex> (balance the layers "
-        "whose class name matches, e.g. type:block).")
+        "type:block",
+        "How layers are split over stages: parameters | uniform | type:<regex> (balance the layers "
+        "whose class name matches, e.g. type:block).",
+    )
     activation_checkpoint_interval: int = _f(0, "Checkpoint activations every k layers inside a stage (0 = off).")
     deepspeed_config: Optional[str] = _f(
-        None, "DeepSpeed JSON, ZeRO 0 or 1 only. Unset: the one `accelerate launch` names, else "
-        "configs/deepspeed/zero1.json.")
-    mixed_precision: str = _f("no", "no | bf16 | fp16 (or accelerate launch --mixed_precision).",
-                              choices=["no", "bf16", "fp16"])
+        None,
+        "DeepSpeed JSON, ZeRO 0 or 1 only. Unset: the one `accelerate launch` names, else "
+        "configs/deepspeed/zero1.json.",
+    )
+    mixed_precision: str = _f(
+        "no", "no | bf16 | fp16 (or accelerate launch --mixed_precision).", choices=["no", "bf16", "fp16"]
+    )
 
 
 register("train_pipeline", (ModelArguments, DataArguments, TrainArguments, PipelineArguments))
@@ -225,22 +252,35 @@ register("train_pipeline", (ModelArguments, DataArguments, TrainArguments, Pipel
 class DistillArguments:
     """recipes/distill.py: teacher, student and loss. ModelArguments' gradient_checkpointing/freeze_* apply to the
     student; the student's shape comes from the teacher (model_name_or_path/model_config are not used)."""
-    teacher_name_or_path: Optional[str] = _f(None, "Teacher: a train_lm final/ dir, any local causal-LM dir or a hub name.")
+
+    teacher_name_or_path: Optional[str] = _f(
+        None, "Teacher: a train_lm final/ dir, any local causal-LM dir or a hub name."
+    )
     student_num_layers: int = _f(0, "Student blocks (same width as the teacher); 0 = half the teacher's.")
-    student_init: str = _f("teacher_layers", "teacher_layers: copy embeddings, head and every other block from the "
-                           "teacher (DistilBERT) | scratch: random init.", choices=["teacher_layers", "scratch"])
+    student_init: str = _f(
+        "teacher_layers",
+        "teacher_layers: copy embeddings, head and every other block from the "
+        "teacher (DistilBERT) | scratch: random init.",
+        choices=["teacher_layers", "scratch"],
+    )
     temperature: float = _f(2.0, "Softmax temperature T of the soft targets (the KL term is multiplied by T^2).")
     alpha_kd: float = _f(0.5, "Weight of the soft-target KL term.")
     alpha_ce: float = _f(0.5, "Weight of the hard-label cross-entropy term.")
     alpha_cos: float = _f(0.0, "Weight of the final-hidden-state cosine term (0 = off).")
-    teacher_dtype: str = _f("float32", "Teacher precision: float32 | bfloat16 | float16 (GPU).",
-                            choices=["float32", "bfloat16", "float16"])
+    teacher_dtype: str = _f(
+        "float32", "Teacher precision: float32 | bfloat16 | float16 (GPU).", choices=["float32", "bfloat16", "float16"]
+    )
     teacher_engine: str = _f(
-        "plain", "plain: a frozen copy per process | zero3: a second DeepSpeed plugin, ZeRO-3 partitioned over the "
+        "plain",
+        "plain: a frozen copy per process | zero3: a second DeepSpeed plugin, ZeRO-3 partitioned over the "
         "processes (teacher larger than one GPU) | inference: deepspeed.init_inference.",
-        choices=["plain", "zero3", "inference"])
-    scratch_baseline: bool = _f(True, "Also train the same student from scratch (hard labels, same steps) and "
-                                "evaluate teacher, distilled and scratch students on the same eval set.")
+        choices=["plain", "zero3", "inference"],
+    )
+    scratch_baseline: bool = _f(
+        True,
+        "Also train the same student from scratch (hard labels, same steps) and "
+        "evaluate teacher, distilled and scratch students on the same eval set.",
+    )
 
 
 register("distill", (ModelArguments, DataArguments, TrainArguments, DistillArguments))
@@ -249,26 +289,42 @@ register("distill", (ModelArguments, DataArguments, TrainArguments, DistillArgum
 @dataclass
 class ServeArguments:
     """recipes/serve.py: what to serve, how (precision, int8, DeepSpeed, TP), where, and the safety caps."""
-    model_name_or_path: Optional[str] = _f(None, "Causal LM for /v1/completions: an HF dir (train_lm's final/), or a "
-                                           "ZeRO checkpoint dir (checkpoints/step_*/ or checkpoints/), consolidated at load.")
-    model_config: Optional[str] = _f(None, "ZeRO checkpoint only: the model JSON it was trained with (default: the run's final/config.json).")
+
+    model_name_or_path: Optional[str] = _f(
+        None,
+        "Causal LM for /v1/completions: an HF dir (train_lm's final/), or a "
+        "ZeRO checkpoint dir (checkpoints/step_*/ or checkpoints/), consolidated at load.",
+    )
+    model_config: Optional[str] = _f(
+        None, "ZeRO checkpoint only: the model JSON it was trained with (default: the run's final/config.json)."
+    )
     tokenizer_name_or_path: Optional[str] = _f(None, "Tokenizer dir. Unset: the model dir's, else the byte tokenizer.")
     served_model_name: Optional[str] = _f(None, "Name clients pass as `model` (default: from the directory name).")
     embedding_model_name_or_path: Optional[str] = _f(None, "BERT-family encoder dir for /v1/embeddings (optional).")
     embedding_model_name: Optional[str] = _f(None, "Name of the embedding model (default: from the directory name).")
-    dtype: str = _f("fp32", "fp32 | bf16 | fp16 (GPU only). int8 is a quantization, see below.",
-                    choices=["fp32", "bf16", "fp16", "int8"])
+    dtype: str = _f(
+        "fp32",
+        "fp32 | bf16 | fp16 (GPU only). int8 is a quantization, see below.",
+        choices=["fp32", "bf16", "fp16", "int8"],
+    )
     quantization: str = _f(
-        "none", "none | torch_int8_dynamic (fbgemm/x86 dynamic int8, the fast one on CPU) | torchao_int8_dynamic | "
+        "none",
+        "none | torch_int8_dynamic (fbgemm/x86 dynamic int8, the fast one on CPU) | torchao_int8_dynamic | "
         "torchao_int8_weight_only | bnb_int8 (bitsandbytes LLM.int8, GPU only).",
-        choices=["none", "torch_int8_dynamic", "torchao_int8_dynamic", "torchao_int8_weight_only", "bnb_int8"])
-    engine: str = _f("hf", "hf: plain transformers | deepspeed: deepspeed.init_inference (needed for tp_size > 1).",
-                     choices=["hf", "deepspeed"])
+        choices=["none", "torch_int8_dynamic", "torchao_int8_dynamic", "torchao_int8_weight_only", "bnb_int8"],
+    )
+    engine: str = _f(
+        "hf",
+        "hf: plain transformers | deepspeed: deepspeed.init_inference (needed for tp_size > 1).",
+        choices=["hf", "deepspeed"],
+    )
     kernel_inject: bool = _f(False, "DeepSpeed kernel injection (CUDA only; recomputes the prefix each step).")
     tp_size: int = _f(1, "Tensor-parallel processes (AutoTP); launch with torchrun --nproc_per_node tp_size.")
     host: str = _f("127.0.0.1", "Bind address. Anything but loopback exposes the server: set api_key then.")
     port: int = _f(8000, "TCP port (0 = any free port; the chosen one is printed).")
-    api_key: Optional[str] = _f(None, "Require `Authorization: Bearer <key>` on /v1/* and /metrics (env DSRECIPES_API_KEY also works).")
+    api_key: Optional[str] = _f(
+        None, "Require `Authorization: Bearer <key>` on /v1/* and /metrics (env DSRECIPES_API_KEY also works)."
+    )
     max_batch_size: int = _f(16, "Most sequences in one forward (and most prompts/inputs in one request).")
     max_wait_ms: float = _f(10.0, "When idle, wait this long for more requests before the first forward.")
     max_queue: int = _f(256, "Most sequences waiting for a batch slot; beyond it requests get 429.")

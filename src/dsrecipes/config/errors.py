@@ -3,6 +3,7 @@
 Used by every recipe and by `dsrecipes check`. `exit_on_config_error` turns a ConfigError raised anywhere
 in a recipe's main() into that one line on stderr and exit code 2, with no traceback.
 """
+
 from __future__ import annotations
 
 import functools

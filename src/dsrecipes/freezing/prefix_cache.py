@@ -21,6 +21,7 @@ at exit) instead of RAM. With reentrant checkpointing (HF `full` reentrant, or `
 handed on as requiring grad, as the real prefix's output would be after `enable_input_require_grads`, or the first
 trainable block would get no gradients.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -31,7 +32,7 @@ import tempfile
 
 import torch
 
-from dsrecipes.models import transformer_blocks
+from dsrecipes.train.models import transformer_blocks
 
 
 def prefix_dropout(model, depth: int) -> list[str]:
@@ -107,8 +108,17 @@ class _Store:
 
 
 class PrefixCache:
-    def __init__(self, model, mode: str = "memory", max_mb: int = 1024, cache_dir: str | None = None,
-                 zero3: bool = False, log=print, checkpointing: str = "none", reentrant: bool = False):
+    def __init__(
+        self,
+        model,
+        mode: str = "memory",
+        max_mb: int = 1024,
+        cache_dir: str | None = None,
+        zero3: bool = False,
+        log=print,
+        checkpointing: str = "none",
+        reentrant: bool = False,
+    ):
         self.model, self.log = model, log
         self.input_grad = checkpointing == "deepspeed" or (checkpointing == "full" and reentrant)
         self.blocks = transformer_blocks(model)
@@ -116,15 +126,21 @@ class PrefixCache:
         self.depth = 0
         self.off_reason = None
         if zero3:
-            self.turn_off("ZeRO-3 gathers each block's parameters in module hooks, which must see every block run; "
-                          "use ZeRO 0-2 for the prefix cache")
+            self.turn_off(
+                "ZeRO-3 gathers each block's parameters in module hooks, which must see every block run; "
+                "use ZeRO 0-2 for the prefix cache"
+            )
         if checkpointing == "every_k":
-            self.turn_off("every_k checkpointing runs each segment of blocks from the segment's first block, so frozen "
-                          "blocks cannot be skipped one by one; use gradient_checkpointing: full or none with freeze_cache")
+            self.turn_off(
+                "every_k checkpointing runs each segment of blocks from the segment's first block, so frozen "
+                "blocks cannot be skipped one by one; use gradient_checkpointing: full or none with freeze_cache"
+            )
         self.hits = self.misses = self.lookups = self.full = 0
         self._plan = None
-        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         model.register_forward_hook(self._post, with_kwargs=True)]
+        self._handles = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.register_forward_hook(self._post, with_kwargs=True),
+        ]
 
     # ------------------------------------------------------------------ control
     def activate(self, depth: int) -> None:
@@ -133,9 +149,11 @@ class PrefixCache:
             return
         dropout = prefix_dropout(self.model, depth)
         if dropout:
-            return self.turn_off(f"dropout is active in the frozen prefix ({', '.join(dropout[:3])}"
-                                 f"{', ...' if len(dropout) > 3 else ''}), so its output differs on every pass; "
-                                 "set the dropout probabilities to 0 to use freeze_cache")
+            return self.turn_off(
+                f"dropout is active in the frozen prefix ({', '.join(dropout[:3])}"
+                f"{', ...' if len(dropout) > 3 else ''}), so its output differs on every pass; "
+                "set the dropout probabilities to 0 to use freeze_cache"
+            )
         self.depth = depth
 
     def turn_off(self, reason: str) -> None:
@@ -144,8 +162,15 @@ class PrefixCache:
             self.log(f"freeze_cache off: {reason}")
 
     def stats(self) -> dict:
-        return {"depth": self.depth, "hits": self.hits, "misses": self.misses, "entries": len(self.store.index),
-                "mib": round(self.store.bytes / 2**20, 2), "full": self.full, "off_reason": self.off_reason}
+        return {
+            "depth": self.depth,
+            "hits": self.hits,
+            "misses": self.misses,
+            "entries": len(self.store.index),
+            "mib": round(self.store.bytes / 2**20, 2),
+            "full": self.full,
+            "off_reason": self.off_reason,
+        }
 
     def close(self) -> None:
         for h in self._handles:
@@ -225,9 +250,11 @@ class PrefixCache:
                 if not self.store.put(k, self.depth, row.clone()):
                     self.full += 1
         if self.full and self.hits == 0 and self.store.index:
-            self.turn_off(f"it filled up ({len(self.store.index)} entries, {self.store.bytes / 2**20:.0f} MiB) and no "
-                          "sample has come back: data augmentation or random crops make every input new, or the data "
-                          "is seen only once")
+            self.turn_off(
+                f"it filled up ({len(self.store.index)} entries, {self.store.bytes / 2**20:.0f} MiB) and no "
+                "sample has come back: data augmentation or random crops make every input new, or the data "
+                "is seen only once"
+            )
             self.store.clear()
         return None
 

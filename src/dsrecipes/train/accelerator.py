@@ -6,6 +6,7 @@ dataloaders with a resumable order, the LR schedule, and eval loss/perplexity.
     train_dl, eval_dl = make_dataloaders(train_ds, eval_ds, args)
     loss = evaluate_lm(model, eval_dl, accelerator)
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,11 @@ def fix_cpu_deepspeed_world_size() -> None:
     if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         return  # touching PartialState() here would fix plain torchrun + ACCELERATE_USE_CPU at one process
     state = PartialState()
-    if state.distributed_type == DistributedType.DEEPSPEED and dist.is_initialized() \
-            and state.num_processes != dist.get_world_size():
+    if (
+        state.distributed_type == DistributedType.DEEPSPEED
+        and dist.is_initialized()
+        and state.num_processes != dist.get_world_size()
+    ):
         state.num_processes = dist.get_world_size()
         state.process_index = dist.get_rank()
         state.local_process_index = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
@@ -41,8 +45,9 @@ def make_accelerator(args, project: str):
         # One scheduler step per optimizer step, whatever the number of processes.
         step_scheduler_with_optimizer=False,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, "tensorboard")),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "tensorboard")
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
 
@@ -72,8 +77,13 @@ def make_dataloaders(train_ds, eval_ds, args):
     # The loader's own generator: every new iterator draws its base seed from it, not from the global torch RNG.
     # Otherwise the iterator re-created on a mid-epoch resume shifts the dropout RNG stream by one draw and the
     # resumed run drifts from the uninterrupted one (tests/test_slurm.py::test_preempt_requeue_resume).
-    train_dl = DataLoader(train_ds, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(args.seed))
+    train_dl = DataLoader(
+        train_ds,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     eval_dl = DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, shuffle=False)
     return train_dl, eval_dl
 
@@ -81,15 +91,17 @@ def make_dataloaders(train_ds, eval_ds, args):
 def make_scheduler(optimizer, args):
     from transformers import get_scheduler
 
-    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
-                         num_training_steps=args.max_steps)
+    return get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps
+    )
 
 
 def per_sample_lm_loss(logits, labels) -> torch.Tensor:
     """Mean next-token cross-entropy of each sequence (labels == -100 ignored), shape [batch]."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    tok = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
-                                            reduction="none")
+    tok = torch.nn.functional.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
+    )
     mask = (shift_labels != -100).float()
     return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
 

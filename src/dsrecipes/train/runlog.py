@@ -1,16 +1,17 @@
 """Run outputs every recipe writes: output_dir/metrics.jsonl (one JSON line per logged step) and summary.json.
 
-    log = RunLog(output_dir, enabled=accelerator.is_main_process)
-    log.write({"step": 10, "loss": 2.1})     # appended and flushed at once (survives a kill)
-    log.summary({...})                       # summary.json, written atomically
+log = RunLog(output_dir, enabled=accelerator.is_main_process)
+log.write({"step": 10, "loss": 2.1})     # appended and flushed at once (survives a kill)
+log.summary({...})                       # summary.json, written atomically
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 
-from dsrecipes.checkpointing import write_json_atomic
+from dsrecipes.train.checkpoints import write_json_atomic
 
 
 def perplexity(loss: float) -> float:

@@ -17,17 +17,18 @@ Supported: no DeepSpeed (1 process or DDP), ZeRO 1 and 2, and ZeRO 0 in fp32, wi
 ZeRO-Offload and ZeRO-0 with bf16/fp16 (its FP16_UnfusedOptimizer keeps fp32 copies outside `_hp_mapping`) are
 refused by `check_rebuild_supported` (static freezing, decided before the engine is built, works everywhere).
 """
+
 from __future__ import annotations
 
 import torch
 
-from dsrecipes.errors import ConfigError
+from dsrecipes.config.errors import ConfigError
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def check_rebuild_supported(accelerator, args, where: str = "<args>") -> None:
-    from dsrecipes.training import deepspeed_config, zero_stage
+    from dsrecipes.train.accelerator import deepspeed_config, zero_stage
 
     stage = zero_stage(accelerator)
     if stage is None:
@@ -35,19 +36,36 @@ def check_rebuild_supported(accelerator, args, where: str = "<args>") -> None:
     cfg = deepspeed_config(accelerator) or {}
     offload = (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
     if stage == 3:
-        raise ConfigError(where, "freeze_schedule", "progressive freezing needs an engine rebuild at each freeze point, "
-                          "which is supported for ZeRO 0-2 only", "use ZeRO 0, 1 or 2, or static freezing with ZeRO-3")
+        raise ConfigError(
+            where,
+            "freeze_schedule",
+            "progressive freezing needs an engine rebuild at each freeze point, which is supported for ZeRO 0-2 only",
+            "use ZeRO 0, 1 or 2, or static freezing with ZeRO-3",
+        )
     if offload not in ("none", None):
-        raise ConfigError(where, "freeze_schedule", "progressive freezing is not supported with ZeRO-Offload "
-                          "(DeepSpeedCPUAdam state is not carried over)", "use a config without offload_optimizer")
+        raise ConfigError(
+            where,
+            "freeze_schedule",
+            "progressive freezing is not supported with ZeRO-Offload (DeepSpeedCPUAdam state is not carried over)",
+            "use a config without offload_optimizer",
+        )
     low = [k for k in ("bf16", "fp16") if (cfg.get(k) or {}).get("enabled") is True or accelerator.mixed_precision == k]
     if stage == 0 and low:
-        raise ConfigError(where, "freeze_schedule", f"progressive freezing with ZeRO-0 and {low[0]} is not supported: "
-                          "DeepSpeed's stage-0 mixed-precision optimizer keeps fp32 copies whose Adam state cannot be "
-                          "carried over", f"use ZeRO-1 or 2 with {low[0]}, or ZeRO-0 in fp32")
+        raise ConfigError(
+            where,
+            "freeze_schedule",
+            f"progressive freezing with ZeRO-0 and {low[0]} is not supported: "
+            "DeepSpeed's stage-0 mixed-precision optimizer keeps fp32 copies whose Adam state cannot be "
+            "carried over",
+            f"use ZeRO-1 or 2 with {low[0]}, or ZeRO-0 in fp32",
+        )
     if args.optimizer != "adamw":
-        raise ConfigError(where, "freeze_schedule", f"progressive freezing under DeepSpeed carries AdamW state only, "
-                          f"not {args.optimizer}", "use optimizer: adamw")
+        raise ConfigError(
+            where,
+            "freeze_schedule",
+            f"progressive freezing under DeepSpeed carries AdamW state only, not {args.optimizer}",
+            "use optimizer: adamw",
+        )
 
 
 def _base_optimizer(model, optimizer):
@@ -123,7 +141,9 @@ def _install(model, optimizer, params: dict[str, torch.nn.Parameter], saved: dic
         m.hp_fragment.data.copy_(st["fp32"].flatten().narrow(0, lo.start, lo.numel))
         for key in ADAM_KEYS:
             if key in st and flat in base.state:
-                base.state[flat][key].narrow(0, hi.start, hi.numel).copy_(st[key].flatten().narrow(0, lo.start, lo.numel))
+                base.state[flat][key].narrow(0, hi.start, hi.numel).copy_(
+                    st[key].flatten().narrow(0, lo.start, lo.numel)
+                )
 
 
 def _continue_schedule(scheduler, last_epoch: int) -> None:
@@ -140,8 +160,8 @@ def rebuild_after_freezing(accelerator, model, optimizer, scheduler, args, chang
     """`change(raw_model)` freezes parameters (and may untie a head: it returns {new name: name whose state it
     starts from}); then the engine/wrapper and optimizer are dropped and new ones prepared over the parameters
     that still require grad, with their state carried over."""
-    from dsrecipes.optim import build_optimizer
-    from dsrecipes.training import make_scheduler
+    from dsrecipes.train.accelerator import make_scheduler
+    from dsrecipes.train.optimizers import build_optimizer
 
     raw = accelerator.unwrap_model(model)
     saved = _gather(model, optimizer, {n: p for n, p in raw.named_parameters() if p.requires_grad})

@@ -2,12 +2,13 @@
 int8 (torch, torchao, bitsandbytes) or DeepSpeed init_inference (kernel injection, AutoTP tensor parallelism).
 
     check_serve_args(args, "serve.yaml", world_size)        # impossible combinations -> one-line ConfigError
-    lm, tok = load_lm(args)                                  # args: dsrecipes.args.ServeArguments
+    lm, tok = load_lm(args)                                  # args: dsrecipes.config.args.ServeArguments
     encoder, enc_tok = load_encoder(args)
     vectors, n_tokens = embed(encoder, enc_tok, ["a text"])  # mean-pooled, L2-normalised
 
-Shared by recipes/serve.py and benchmarks/bench_serve.py; generation itself is in dsrecipes.generation.
+Shared by recipes/serve.py and benchmarks/bench_serve.py; generation itself is in dsrecipes.serve.engine.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ import warnings
 
 import torch
 
-from dsrecipes.errors import ConfigError
+from dsrecipes.config.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INT8_FIX = "use engine: hf with quantization: torch_int8_dynamic | torchao_int8_dynamic | torchao_int8_weight_only"
@@ -26,26 +27,53 @@ def check_serve_args(args, where: str, world_size: int = 1, cuda: bool | None = 
     """Combinations that cannot work, as one-line ConfigErrors (before any model is loaded)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if not args.model_name_or_path and not args.embedding_model_name_or_path:
-        raise ConfigError(where, "model_name_or_path", "no model to serve",
-                          "give a causal LM directory (e.g. outputs/train_tiny_zero2/final) and/or embedding_model_name_or_path")
+        raise ConfigError(
+            where,
+            "model_name_or_path",
+            "no model to serve",
+            "give a causal LM directory (e.g. outputs/train_tiny_zero2/final) and/or embedding_model_name_or_path",
+        )
     if args.dtype == "int8":
         if args.engine == "deepspeed":
-            raise ConfigError(where, "dtype", "int8 through DeepSpeed init_inference is broken (DeepSpeed #8577)", INT8_FIX)
-        raise ConfigError(where, "dtype", "int8 is a quantization, not a dtype", "set dtype: fp32 and pick a quantization")
+            raise ConfigError(
+                where, "dtype", "int8 through DeepSpeed init_inference is broken (DeepSpeed #8577)", INT8_FIX
+            )
+        raise ConfigError(
+            where, "dtype", "int8 is a quantization, not a dtype", "set dtype: fp32 and pick a quantization"
+        )
     if args.dtype == "fp16" and not cuda:
-        raise ConfigError(where, "dtype", "fp16 needs a GPU (CPU matmuls in fp16 are unsupported or very slow)", "use fp32 or bf16 on CPU")
+        raise ConfigError(
+            where,
+            "dtype",
+            "fp16 needs a GPU (CPU matmuls in fp16 are unsupported or very slow)",
+            "use fp32 or bf16 on CPU",
+        )
     if args.quantization == "bnb_int8" and not cuda:
-        raise ConfigError(where, "quantization", "bitsandbytes LLM.int8 needs a CUDA GPU", "on CPU use torch_int8_dynamic")
+        raise ConfigError(
+            where, "quantization", "bitsandbytes LLM.int8 needs a CUDA GPU", "on CPU use torch_int8_dynamic"
+        )
     if args.engine == "deepspeed" and args.quantization != "none":
-        raise ConfigError(where, "quantization", "int8 cannot go through DeepSpeed init_inference (DeepSpeed #8577)", INT8_FIX)
+        raise ConfigError(
+            where, "quantization", "int8 cannot go through DeepSpeed init_inference (DeepSpeed #8577)", INT8_FIX
+        )
     if args.kernel_inject and (args.engine != "deepspeed" or not cuda):
-        raise ConfigError(where, "kernel_inject", "DeepSpeed kernel injection needs engine: deepspeed and a CUDA GPU",
-                          "set kernel_inject: false (on CPU init_inference runs with replace_with_kernel_inject=False)")
+        raise ConfigError(
+            where,
+            "kernel_inject",
+            "DeepSpeed kernel injection needs engine: deepspeed and a CUDA GPU",
+            "set kernel_inject: false (on CPU init_inference runs with replace_with_kernel_inject=False)",
+        )
     if args.tp_size > 1 and args.engine != "deepspeed":
-        raise ConfigError(where, "tp_size", "tensor parallelism runs through DeepSpeed init_inference", "set engine: deepspeed")
+        raise ConfigError(
+            where, "tp_size", "tensor parallelism runs through DeepSpeed init_inference", "set engine: deepspeed"
+        )
     if args.tp_size != world_size:
-        raise ConfigError(where, "tp_size", f"tp_size {args.tp_size} but {world_size} process(es) were launched",
-                          f"launch with torchrun --nproc_per_node {args.tp_size} (or set tp_size: {world_size})")
+        raise ConfigError(
+            where,
+            "tp_size",
+            f"tp_size {args.tp_size} but {world_size} process(es) were launched",
+            f"launch with torchrun --nproc_per_node {args.tp_size} (or set tp_size: {world_size})",
+        )
     for key in ("max_batch_size", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes", "max_queue"):
         if getattr(args, key) < 1:
             raise ConfigError(where, key, f"must be >= 1, got {getattr(args, key)}", "use a positive number")
@@ -55,8 +83,11 @@ def check_serve_args(args, where: str, world_size: int = 1, cuda: bool | None = 
 
 # ----------------------------------------------------------------------------- loading
 def is_zero_checkpoint(path: str) -> bool:
-    return bool(path) and os.path.isdir(path) and (os.path.isfile(os.path.join(path, "latest")) or
-                                                    os.path.isdir(os.path.join(path, "pytorch_model")))
+    return (
+        bool(path)
+        and os.path.isdir(path)
+        and (os.path.isfile(os.path.join(path, "latest")) or os.path.isdir(os.path.join(path, "pytorch_model")))
+    )
 
 
 def resolve_zero_checkpoint(path: str) -> str:
@@ -76,23 +107,31 @@ def consolidated_state_dict(path: str) -> dict:
     try:
         return get_fp32_state_dict_from_zero_checkpoint(path)
     except Exception as exc:  # noqa: BLE001 - a broken checkpoint is a bad input
-        raise ConfigError("<args>", "model_name_or_path", f"cannot consolidate ZeRO checkpoint {path!r} "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:100]})", "pass a complete checkpoints/step_* dir") from None
+        raise ConfigError(
+            "<args>",
+            "model_name_or_path",
+            f"cannot consolidate ZeRO checkpoint {path!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})",
+            "pass a complete checkpoints/step_* dir",
+        ) from None
 
 
 def _zero_model_config(args, ckpt: str, tok):
-    """The HF config for a checkpoint: model_config (a configs/models JSON) if given, else the run's final/config.json."""
+    """The HF config for a checkpoint: model_config (a configs/models JSON) if given, else final/config.json."""
     from transformers import AutoConfig
 
-    from dsrecipes.models import load_model_config
+    from dsrecipes.train.models import load_model_config
 
     if args.model_config:
         return load_model_config(args.model_config, tok)
     final_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "final")
     if os.path.isfile(os.path.join(final_dir, "config.json")):
         return AutoConfig.from_pretrained(final_dir)
-    raise ConfigError("<args>", "model_config", f"{ckpt!r} is a ZeRO checkpoint without a config",
-                      "set model_config to the model JSON it was trained with (e.g. configs/models/tiny_gpt2.json)")
+    raise ConfigError(
+        "<args>",
+        "model_config",
+        f"{ckpt!r} is a ZeRO checkpoint without a config",
+        "set model_config to the model JSON it was trained with (e.g. configs/models/tiny_gpt2.json)",
+    )
 
 
 def conv1d_to_linear(model) -> int:
@@ -122,11 +161,15 @@ def quantize(model, method: str, skip=("lm_head",)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
             # per-channel weight scales: same speed as per-tensor, closer to fp32 (MiniLM cosine 0.93 -> 0.97)
-            return torch.ao.quantization.quantize_dynamic(model, {n: torch.ao.quantization.per_channel_dynamic_qconfig
-                                                                  for n in names}, dtype=torch.qint8)
+            return torch.ao.quantization.quantize_dynamic(
+                model, {n: torch.ao.quantization.per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8
+            )
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
 
-    cfg = {"torchao_int8_dynamic": Int8DynamicActivationInt8WeightConfig, "torchao_int8_weight_only": Int8WeightOnlyConfig}[method]
+    cfg = {
+        "torchao_int8_dynamic": Int8DynamicActivationInt8WeightConfig,
+        "torchao_int8_weight_only": Int8WeightOnlyConfig,
+    }[method]
     quantize_(model, cfg(), filter_fn=keep)
     return model
 
@@ -144,8 +187,8 @@ def load_lm(args):
     """-> (model ready for inference, tokenizer). A ZeRO checkpoint dir is consolidated first."""
     from transformers import AutoModelForCausalLM
 
-    from dsrecipes.data import load_tokenizer
-    from dsrecipes.models import build_causal_lm
+    from dsrecipes.train.data import load_tokenizer
+    from dsrecipes.train.models import build_causal_lm
 
     path = args.model_name_or_path
     if is_zero_checkpoint(path):
@@ -155,8 +198,12 @@ def load_lm(args):
         model = AutoModelForCausalLM.from_config(_zero_model_config(args, ckpt, tok))
         missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise ConfigError("<args>", "model_config", f"checkpoint does not fit the config (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})", "give the model JSON the run was trained with")
+            raise ConfigError(
+                "<args>",
+                "model_config",
+                f"checkpoint does not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})",
+                "give the model JSON the run was trained with",
+            )
         model.tie_weights()
         model.to(DTYPES[args.dtype])
     else:
@@ -173,10 +220,18 @@ def _init_inference(model, args):
     import deepspeed
 
     if args.tp_size > 1 and getattr(model.config, "model_type", "") == "gpt2":
-        raise ConfigError("<args>", "tp_size", "DeepSpeed AutoTP excludes GPT-2 (fused Conv1D qkv; its manual policy "
-                          "fails in 0.19.8)", "serve GPT-2 with tp_size: 1, or tensor-parallel a Llama-style model")
-    engine = deepspeed.init_inference(model, dtype=DTYPES[args.dtype], replace_with_kernel_inject=args.kernel_inject,
-                                      tensor_parallel={"tp_size": args.tp_size})
+        raise ConfigError(
+            "<args>",
+            "tp_size",
+            "DeepSpeed AutoTP excludes GPT-2 (fused Conv1D qkv; its manual policy fails in 0.19.8)",
+            "serve GPT-2 with tp_size: 1, or tensor-parallel a Llama-style model",
+        )
+    engine = deepspeed.init_inference(
+        model,
+        dtype=DTYPES[args.dtype],
+        replace_with_kernel_inject=args.kernel_inject,
+        tensor_parallel={"tp_size": args.tp_size},
+    )
     if not torch.cuda.is_available():
         import deepspeed.comm.comm as ds_comm
 
@@ -195,8 +250,12 @@ def load_encoder(args):
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path, **_load_kwargs(args))
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError("<args>", "embedding_model_name_or_path", f"cannot load {path!r} ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:100]})", "give a local encoder dir with config.json, weights and tokenizer") from None
+        raise ConfigError(
+            "<args>",
+            "embedding_model_name_or_path",
+            f"cannot load {path!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})",
+            "give a local encoder dir with config.json, weights and tokenizer",
+        ) from None
     model.eval().requires_grad_(False)
     return quantize(model, args.quantization), tok
 
@@ -222,7 +281,10 @@ def top1_agreement(ref, model, sequences: list[list[int]], start: int = 1) -> fl
     same = total = 0
     for seq in sequences:
         ids = torch.tensor([seq])
-        a, b = ref(input_ids=ids).logits[0, start - 1:-1].argmax(-1), model(input_ids=ids).logits[0, start - 1:-1].argmax(-1)
+        a, b = (
+            ref(input_ids=ids).logits[0, start - 1 : -1].argmax(-1),
+            model(input_ids=ids).logits[0, start - 1 : -1].argmax(-1),
+        )
         same, total = same + int((a == b).sum()), total + a.numel()
     return same / max(total, 1)
 

@@ -6,13 +6,14 @@
 No network on the default path: the tiny model is built from configs/models/*.json. A hub name still goes
 through the usual `from_pretrained` for users who have a network.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 
-from dsrecipes.errors import ConfigError
+from dsrecipes.config.errors import ConfigError
 
 
 def load_model_config(path: str, tokenizer=None):
@@ -20,7 +21,9 @@ def load_model_config(path: str, tokenizer=None):
     from transformers import AutoConfig
 
     if not os.path.isfile(path):
-        raise ConfigError("<args>", "model_config", f"file not found: {path!r}", "give a config.json file (see configs/models/)")
+        raise ConfigError(
+            "<args>", "model_config", f"file not found: {path!r}", "give a config.json file (see configs/models/)"
+        )
     try:
         with open(path) as fh:
             values = json.load(fh)
@@ -33,7 +36,9 @@ def load_model_config(path: str, tokenizer=None):
     try:
         config = AutoConfig.for_model(model_type, **values)
     except ValueError as exc:
-        raise ConfigError(path, "model_type", str(exc).splitlines()[0], "use a transformers model type such as gpt2 or llama") from None
+        raise ConfigError(
+            path, "model_type", str(exc).splitlines()[0], "use a transformers model type such as gpt2 or llama"
+        ) from None
     if tokenizer is not None:
         config.vocab_size = len(tokenizer)
         config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -69,16 +74,22 @@ def build_causal_lm(model_args, tokenizer=None, config_overrides: dict | None = 
     with zero3_init_scope(accelerator):
         model = _build_causal_lm(model_args, tokenizer, config_overrides)
     plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    if plugin is not None and plugin.zero3_init_flag and plugin.zero_stage == 3 \
-            and getattr(model.config, "tie_word_embeddings", False):
+    if (
+        plugin is not None
+        and plugin.zero3_init_flag
+        and plugin.zero_stage == 3
+        and getattr(model.config, "tie_word_embeddings", False)
+    ):
         # Measured here (deepspeed 0.19.8, cpu accelerator): GPT-2 built under zero.Init with tied embeddings
         # trains, but its eval loss drifts far above the train loss (9.3 vs 2.8 after 20 steps); untied or
         # built unsharded (zero3_init_flag: false) it matches ZeRO 0-2. Say so rather than fail silently.
         import warnings
 
-        warnings.warn("ZeRO-3 with zero3_init_flag: true and tied word embeddings gave wrong eval losses in our "
-                      "tests (see README); use zero3_init_flag: false unless the model does not fit unsharded",
-                      stacklevel=2)
+        warnings.warn(
+            "ZeRO-3 with zero3_init_flag: true and tied word embeddings gave wrong eval losses in our "
+            "tests (see README); use zero3_init_flag: false unless the model does not fit unsharded",
+            stacklevel=2,
+        )
     return model
 
 
@@ -91,10 +102,17 @@ def _build_causal_lm(model_args, tokenizer, config_overrides):
             return AutoModelForCausalLM.from_pretrained(src, **(config_overrides or {}))
         except Exception as exc:  # noqa: BLE001 - any failure here is a bad model input
             local = os.path.isdir(src)
-            fix = ("the directory needs config.json and model weights (an exported final/ works)" if local
-                   else "give a local model directory, or a hub name with a network (HF_HUB_OFFLINE=0)")
-            raise ConfigError("<args>", "model_name_or_path", f"cannot load {src!r} ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:100]})", fix) from None
+            fix = (
+                "the directory needs config.json and model weights (an exported final/ works)"
+                if local
+                else "give a local model directory, or a hub name with a network (HF_HUB_OFFLINE=0)"
+            )
+            raise ConfigError(
+                "<args>",
+                "model_name_or_path",
+                f"cannot load {src!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})",
+                fix,
+            ) from None
     config = load_model_config(model_args.model_config, tokenizer)
     for k, v in (config_overrides or {}).items():
         setattr(config, k, v)
@@ -110,8 +128,16 @@ def transformer_blocks(model):
     """The ModuleList of transformer blocks of a GPT-2/Llama/BERT-style HF model."""
     import torch
 
-    for path in ("transformer.h", "model.layers", "model.decoder.layers", "gpt_neox.layers", "bert.encoder.layer",
-                 "encoder.layer", "h", "layers"):
+    for path in (
+        "transformer.h",
+        "model.layers",
+        "model.decoder.layers",
+        "gpt_neox.layers",
+        "bert.encoder.layer",
+        "encoder.layer",
+        "h",
+        "layers",
+    ):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -119,5 +145,9 @@ def transformer_blocks(model):
                 break
         if isinstance(obj, torch.nn.ModuleList):
             return obj
-    raise ConfigError("<args>", "model_name_or_path", f"cannot find the transformer blocks of {type(model).__name__}",
-                      "use a GPT-2, Llama or BERT-style model")
+    raise ConfigError(
+        "<args>",
+        "model_name_or_path",
+        f"cannot find the transformer blocks of {type(model).__name__}",
+        "use a GPT-2, Llama or BERT-style model",
+    )

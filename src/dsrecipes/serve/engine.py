@@ -7,8 +7,9 @@ leave between forwards, sampling, stop strings and incremental text.
     seqs = engine.generate(prompts, params)   # offline helper
 
 Tensor parallel: rank 0 wraps its KVBatch in Replicated (broadcasts each call); other ranks run follow(kv).
-Used by dsrecipes.serving.Batcher (recipes/serve.py) and benchmarks/bench_serve.py.
+Used by dsrecipes.serve.api.Batcher (recipes/serve.py) and benchmarks/bench_serve.py.
 """
+
 from __future__ import annotations
 
 import random
@@ -34,10 +35,15 @@ class KVBatch:
         return ids, mask
 
     def _forward(self, ids, mask, cache=None):
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         dev = self.model.device
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                         past_key_values=cache, use_cache=self.use_cache)
+        out = self.model(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=pos.to(dev),
+            past_key_values=cache,
+            use_cache=self.use_cache,
+        )
         return out
 
     @torch.inference_mode()
@@ -59,6 +65,7 @@ class KVBatch:
         def pad(t, dim):  # left-pad dim `dim` with zeros up to `width`
             after = t.dim() - 1 - dim % t.dim()
             return torch.nn.functional.pad(t, (0, 0) * after + (width - t.shape[dim], 0))
+
         for old, new in zip(self.cache.layers, new_cache.layers):
             old.keys = torch.cat([pad(old.keys, -2), pad(new.keys, -2)], 0)
             old.values = torch.cat([pad(old.values, -2), pad(new.values, -2)], 0)
@@ -115,6 +122,7 @@ class Replicated:
         def call(*a):
             dist.broadcast_object_list([(name, a)], src=0)
             return getattr(self.kv, name)(*a)
+
         return call
 
 
@@ -161,8 +169,11 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 16, max_context: int | None = None, kv=None):
         self.tok, self.max_batch = tokenizer, max_batch_size
         self.eos = tokenizer.eos_token_id
-        self.max_context = max_context or getattr(model.config, "n_positions", None) or getattr(
-            model.config, "max_position_embeddings", 1 << 30)
+        self.max_context = (
+            max_context
+            or getattr(model.config, "n_positions", None)
+            or getattr(model.config, "max_position_embeddings", 1 << 30)
+        )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
         self.kv = kv if kv is not None else KVBatch(model, pad, use_cache=supports_kv_merge(model))
         self.active: list[Sequence] = []
@@ -218,7 +229,7 @@ class Engine:
         if not (seq.incremental or seq.finish_reason):
             return  # not streamed: nothing is sent before the end, and the end sends the whole text
         if seq.emit and (seq.finish_reason or end > seq.sent):
-            seq.emit(seq, seq.text[seq.sent: max(end, seq.sent)])
+            seq.emit(seq, seq.text[seq.sent : max(end, seq.sent)])
         seq.sent = max(end, seq.sent)
 
     def _retire(self, done: list[int]) -> None:

@@ -15,10 +15,11 @@ learning as in FreezeOut and AutoFreeze, which never freeze it.
   the interval is compared with the previous interval; a block whose relative change stayed below
   freeze_threshold for freeze_window intervals in a row freezes, front first (never before freeze_start).
 Each time the frozen set grows, the optimizer and the DeepSpeed engine are rebuilt over the trainable
-parameters (dsrecipes.rebuild), because flipping requires_grad after deepspeed.initialize frees nothing and
+parameters (dsrecipes.freezing.rebuild), because flipping requires_grad after deepspeed.initialize frees nothing and
 ZeRO would keep moving the "frozen" weights with their old momentum (DeepSpeed #5341).
-`freeze_cache: memory|disk` adds the frozen-prefix cache (dsrecipes.prefix_cache).
+`freeze_cache: memory|disk` adds the frozen-prefix cache (dsrecipes.freezing.prefix_cache).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,8 @@ import re
 
 import torch
 
-from dsrecipes.errors import ConfigError
-from dsrecipes.models import transformer_blocks
+from dsrecipes.config.errors import ConfigError
+from dsrecipes.train.models import transformer_blocks
 
 
 def embedding_modules(model):
@@ -45,8 +46,12 @@ def apply_static_freezing(model, args) -> int:
     """Set requires_grad=False per the config; returns the number of frozen parameter elements."""
     blocks = transformer_blocks(model) if args.freeze_first_n_blocks else []
     if args.freeze_first_n_blocks > len(blocks):
-        raise ConfigError("<args>", "freeze_first_n_blocks", f"{args.freeze_first_n_blocks} > {len(blocks)} blocks",
-                          f"use at most {len(blocks)}")
+        raise ConfigError(
+            "<args>",
+            "freeze_first_n_blocks",
+            f"{args.freeze_first_n_blocks} > {len(blocks)} blocks",
+            f"use at most {len(blocks)}",
+        )
     targets = list(blocks[: args.freeze_first_n_blocks])
     if args.freeze_embeddings:
         targets += embedding_modules(model)
@@ -137,6 +142,7 @@ class GradNormMonitor:
     def _hook(self, i):
         def add(grad):
             self.sq[i] = self.sq[i].to(grad.device) + grad.detach().float().pow(2).sum()
+
         return add
 
     def update(self, step: int, accelerator) -> list[int]:
@@ -189,8 +195,8 @@ class Freezer:
     """Everything freezing does for one run; recipes call the constructor and after_step only."""
 
     def __init__(self, model, args, accelerator):
-        from dsrecipes.rebuild import check_rebuild_supported
-        from dsrecipes.training import zero_stage
+        from dsrecipes.freezing.rebuild import check_rebuild_supported
+        from dsrecipes.train.accelerator import zero_stage
 
         self.args, self.acc, self.events = args, accelerator, []
         self.schedule = args.freeze_schedule
@@ -202,11 +208,19 @@ class Freezer:
         self.n_units = args.freeze_progressive_blocks or n_blocks - 1
         if self.schedule != "none":
             if not 1 <= self.n_units <= n_blocks:
-                raise ConfigError("<args>", "freeze_progressive_blocks", f"{self.n_units} is not in 1..{n_blocks}",
-                                  f"use 1..{n_blocks} (0 = all blocks but the last)")
+                raise ConfigError(
+                    "<args>",
+                    "freeze_progressive_blocks",
+                    f"{self.n_units} is not in 1..{n_blocks}",
+                    f"use 1..{n_blocks} (0 = all blocks but the last)",
+                )
             if not 0 <= args.freeze_start <= args.freeze_end <= 1:
-                raise ConfigError("<args>", "freeze_start", f"need 0 <= freeze_start ({args.freeze_start}) <= "
-                                  f"freeze_end ({args.freeze_end}) <= 1", "fix the fractions")
+                raise ConfigError(
+                    "<args>",
+                    "freeze_start",
+                    f"need 0 <= freeze_start ({args.freeze_start}) <= freeze_end ({args.freeze_end}) <= 1",
+                    "fix the fractions",
+                )
             check_rebuild_supported(accelerator, args)
         self.units = freeze_units(model, self.n_units) if self.schedule != "none" else []
         for unit in self.units[: resumed.get("frozen_units", 0)]:
@@ -214,26 +228,37 @@ class Freezer:
                 mod.requires_grad_(False)
         self.n_frozen = 0  # progressive freezing goes front to back: count the leading units that are fully frozen
         while self.n_frozen < len(self.units) and not any(
-                p.requires_grad for m in self.units[self.n_frozen] for p in m.parameters()):
+            p.requires_grad for m in self.units[self.n_frozen] for p in m.parameters()
+        ):
             self.n_frozen += 1
-        self.steps = schedule_steps(self.schedule, self.n_units, args.max_steps, args.freeze_start, args.freeze_end) \
-            if self.schedule in ("linear", "cubic") else None
+        self.steps = (
+            schedule_steps(self.schedule, self.n_units, args.max_steps, args.freeze_start, args.freeze_end)
+            if self.schedule in ("linear", "cubic")
+            else None
+        )
         self.monitor = None
         if self.schedule == "adaptive":
             blocks = transformer_blocks(model)[: self.n_units]
-            self.monitor = GradNormMonitor(blocks, args.freeze_check_steps, args.freeze_threshold,
-                                           args.freeze_window, resumed.get("monitor"))
+            self.monitor = GradNormMonitor(
+                blocks, args.freeze_check_steps, args.freeze_threshold, args.freeze_window, resumed.get("monitor")
+            )
         self.cache = None
         if args.freeze_cache != "none":
-            from dsrecipes.prefix_cache import PrefixCache
+            from dsrecipes.freezing.prefix_cache import PrefixCache
 
             cache_dir = args.freeze_cache_dir
             if cache_dir and accelerator.num_processes > 1:
                 cache_dir = os.path.join(cache_dir, f"rank{accelerator.process_index}")
-            self.cache = PrefixCache(model, args.freeze_cache, args.freeze_cache_max_mb, cache_dir,
-                                     zero3=zero_stage(accelerator) == 3, log=accelerator.print,
-                                     checkpointing=args.gradient_checkpointing,
-                                     reentrant=bool(args.gradient_checkpointing_reentrant))
+            self.cache = PrefixCache(
+                model,
+                args.freeze_cache,
+                args.freeze_cache_max_mb,
+                cache_dir,
+                zero3=zero_stage(accelerator) == 3,
+                log=accelerator.print,
+                checkpointing=args.gradient_checkpointing,
+                reentrant=bool(args.gradient_checkpointing_reentrant),
+            )
             self.cache.activate(frozen_prefix_depth(model))
         self.initial_frozen = frozen_param_count(model)
         self.checksums: dict[int, list[float]] = {}
@@ -262,7 +287,7 @@ class Freezer:
         target = self._target(step)
         if target <= self.n_frozen:
             return model, optimizer, scheduler
-        from dsrecipes.rebuild import optimizer_param_count, rebuild_after_freezing
+        from dsrecipes.freezing.rebuild import optimizer_param_count, rebuild_after_freezing
 
         def change(raw):
             aliases = untie_output_head(raw) if self.n_frozen == 0 and self.args.freeze_untie_head else {}
@@ -276,11 +301,20 @@ class Freezer:
         model, optimizer, scheduler = rebuild_after_freezing(self.acc, model, optimizer, scheduler, self.args, change)
         after = optimizer_param_count(model, optimizer)
         depth = frozen_prefix_depth(self.model)
-        self.events.append({"step": step, "frozen_units": target, "prefix_depth": depth,
-                            "frozen_params": self.frozen_params, "optimizer_params_before": before,
-                            "optimizer_params_after": after})
-        self.acc.print(f"step {step}: froze units {self.n_frozen}..{target - 1} (embeddings + {depth} blocks frozen); "
-                       f"optimizer now holds {after:,} of {before:,} elements on this rank")
+        self.events.append(
+            {
+                "step": step,
+                "frozen_units": target,
+                "prefix_depth": depth,
+                "frozen_params": self.frozen_params,
+                "optimizer_params_before": before,
+                "optimizer_params_after": after,
+            }
+        )
+        self.acc.print(
+            f"step {step}: froze units {self.n_frozen}..{target - 1} (embeddings + {depth} blocks frozen); "
+            f"optimizer now holds {after:,} of {before:,} elements on this rank"
+        )
         self.n_frozen = target
         if self.cache is not None:
             self.cache.activate(depth)
@@ -294,8 +328,13 @@ class Freezer:
         return out
 
     def report(self) -> dict:
-        out = {"schedule": self.schedule, "frozen_units": self.n_frozen, "events": self.events,
-               "initial_frozen_params": self.initial_frozen, "final_frozen_params": self.frozen_params}
+        out = {
+            "schedule": self.schedule,
+            "frozen_units": self.n_frozen,
+            "events": self.events,
+            "initial_frozen_params": self.initial_frozen,
+            "final_frozen_params": self.frozen_params,
+        }
         if self.checksums:  # weights of every unit frozen during the run, unchanged since its freeze step
             out["frozen_weights_unchanged"] = all(_checksum(self.units[i]) == c for i, c in self.checksums.items())
         if self.steps is not None:

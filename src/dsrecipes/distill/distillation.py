@@ -11,6 +11,7 @@ Loss (Hinton et al. 2015; DistilBERT's three terms), averaged over the predicted
     + alpha_cos * (1 - cos(student final hidden state, teacher final hidden state))
 T^2 keeps the soft-target gradients on the scale of the hard-label ones when T changes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,16 +21,25 @@ import re
 import torch
 import torch.nn.functional as F
 
-from dsrecipes.errors import ConfigError
-from dsrecipes.models import transformer_blocks
+from dsrecipes.config.errors import ConfigError
+from dsrecipes.train.models import transformer_blocks
 
 TEACHER_ENGINES = ("plain", "zero3", "inference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- loss
-def distillation_loss(s_logits, t_logits, labels, temperature: float, alpha_kd: float, alpha_ce: float,
-                      alpha_cos: float = 0.0, s_hidden=None, t_hidden=None):
+def distillation_loss(
+    s_logits,
+    t_logits,
+    labels,
+    temperature: float,
+    alpha_kd: float,
+    alpha_ce: float,
+    alpha_cos: float = 0.0,
+    s_hidden=None,
+    t_hidden=None,
+):
     """-> (total loss, {"kd", "ce", "cos", "loss"} as floats). Logits are [batch, seq, vocab], causal (shifted here)."""
     s = s_logits[:, :-1].float()
     t = t_logits[:, :-1].float()
@@ -37,14 +47,25 @@ def distillation_loss(s_logits, t_logits, labels, temperature: float, alpha_kd: 
     mask = y != -100
     s, t, y = s[mask], t[mask], y[mask]  # [tokens, vocab]
     ce = F.cross_entropy(s, y)
-    kd = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
-                  reduction="batchmean") * temperature ** 2
+    kd = (
+        F.kl_div(
+            F.log_softmax(s / temperature, -1),
+            F.log_softmax(t / temperature, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
     total = alpha_kd * kd + alpha_ce * ce
     terms = {"kd": kd.detach().item(), "ce": ce.detach().item()}
     if alpha_cos:
         if s_hidden is None or t_hidden is None or s_hidden.shape[-1] != t_hidden.shape[-1]:
-            raise ConfigError("<args>", "alpha_cos", "the hidden-state loss needs student and teacher hidden states of "
-                              "the same width", "set alpha_cos: 0 or use a student as wide as the teacher")
+            raise ConfigError(
+                "<args>",
+                "alpha_cos",
+                "the hidden-state loss needs student and teacher hidden states of the same width",
+                "set alpha_cos: 0 or use a student as wide as the teacher",
+            )
         hmask = mask  # same positions as the token losses
         cos = 1 - F.cosine_similarity(s_hidden[:, :-1][hmask].float(), t_hidden[:, :-1][hmask].float(), dim=-1).mean()
         total = total + alpha_cos * cos
@@ -58,8 +79,12 @@ def layer_map(n_teacher: int, n_student: int) -> list[int]:
     """Teacher block copied into each student block: every other one (0, 2, 4, ...) when halving, as DistilBERT
     did; in general evenly spaced from block 0."""
     if not 1 <= n_student <= n_teacher:
-        raise ConfigError("<args>", "student_num_layers", f"{n_student} is not in 1..{n_teacher} (teacher depth)",
-                          f"use 1..{n_teacher}, or 0 for half the teacher")
+        raise ConfigError(
+            "<args>",
+            "student_num_layers",
+            f"{n_student} is not in 1..{n_teacher} (teacher depth)",
+            f"use 1..{n_teacher}, or 0 for half the teacher",
+        )
     return [(i * n_teacher) // n_student for i in range(n_student)]
 
 
@@ -96,8 +121,12 @@ def student_from_teacher(teacher, num_layers: int, init: str, seed: int = 0):
         m = block_re.match(name)
         src = f"{prefix}{mapping[int(m.group(1))]}.{m.group(2)}" if m else name
         if src not in t_state:
-            raise ConfigError("<args>", "student_init", f"teacher has no weight {src!r} for student {name!r}",
-                              "use student_init: scratch for this architecture")
+            raise ConfigError(
+                "<args>",
+                "student_init",
+                f"teacher has no weight {src!r} for student {name!r}",
+                "use student_init: scratch for this architecture",
+            )
         new_state[name] = t_state[src].detach().clone()
     student.load_state_dict(new_state)
     student.tie_weights()
@@ -110,15 +139,26 @@ def load_teacher(path: str | None):
     from transformers import AutoModelForCausalLM
 
     if not path:
-        raise ConfigError("<args>", "teacher_name_or_path", "not set", "give a train_lm final/ directory, a local "
-                          "causal-LM directory or a hub name")
+        raise ConfigError(
+            "<args>",
+            "teacher_name_or_path",
+            "not set",
+            "give a train_lm final/ directory, a local causal-LM directory or a hub name",
+        )
     try:
         teacher = AutoModelForCausalLM.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - any failure is a bad teacher input
-        fix = ("the directory needs config.json and weights (a train_lm final/ works)" if os.path.isdir(path)
-               else "give a local directory, or a hub name with a network (HF_HUB_OFFLINE=0)")
-        raise ConfigError("<args>", "teacher_name_or_path", f"cannot load {path!r} ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:100]})", fix) from None
+        fix = (
+            "the directory needs config.json and weights (a train_lm final/ works)"
+            if os.path.isdir(path)
+            else "give a local directory, or a hub name with a network (HF_HUB_OFFLINE=0)"
+        )
+        raise ConfigError(
+            "<args>",
+            "teacher_name_or_path",
+            f"cannot load {path!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})",
+            fix,
+        ) from None
     teacher.eval().requires_grad_(False)
     return teacher
 
@@ -127,9 +167,11 @@ def teacher_ds_config(args, world_size: int) -> dict:
     """ZeRO-3 inference config of the teacher's DeepSpeed plugin (no optimizer: nothing of it trains)."""
     micro = args.per_device_train_batch_size
     return {
-        "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "train_batch_size": micro * args.gradient_accumulation_steps * world_size,
-        "bf16": {"enabled": args.teacher_dtype == "bfloat16"}, "fp16": {"enabled": args.teacher_dtype == "float16"},
+        "bf16": {"enabled": args.teacher_dtype == "bfloat16"},
+        "fp16": {"enabled": args.teacher_dtype == "float16"},
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     }
 
@@ -140,27 +182,36 @@ def make_distill_accelerator(args):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin, ProjectConfiguration
 
-    from dsrecipes.training import fix_cpu_deepspeed_world_size, make_accelerator
+    from dsrecipes.train.accelerator import fix_cpu_deepspeed_world_size, make_accelerator
 
     use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if args.teacher_engine in ("zero3", "inference") and not use_ds:
-        raise ConfigError("<args>", "teacher_engine", f"{args.teacher_engine} needs a DeepSpeed launch",
-                          "launch with a DeepSpeed accelerate config, or use teacher_engine: plain")
+        raise ConfigError(
+            "<args>",
+            "teacher_engine",
+            f"{args.teacher_engine} needs a DeepSpeed launch",
+            "launch with a DeepSpeed accelerate config, or use teacher_engine: plain",
+        )
     if args.teacher_engine != "zero3":
         return make_accelerator(args, project="distill")
     fix_cpu_deepspeed_world_size()
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    plugins = {"student": DeepSpeedPlugin(),
-               "teacher": DeepSpeedPlugin(hf_ds_config=teacher_ds_config(args, world), zero_stage=3,
-                                          zero3_init_flag=False)}
-    return Accelerator(  # the same settings as dsrecipes.training.make_accelerator
-        gradient_accumulation_steps=args.gradient_accumulation_steps, step_scheduler_with_optimizer=False,
+    plugins = {
+        "student": DeepSpeedPlugin(),
+        "teacher": DeepSpeedPlugin(hf_ds_config=teacher_ds_config(args, world), zero_stage=3, zero3_init_flag=False),
+    }
+    return Accelerator(  # the same settings as dsrecipes.train.accelerator.make_accelerator
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, "tensorboard")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), deepspeed_plugins=plugins)
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "tensorboard")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        deepspeed_plugins=plugins,
+    )
 
 
 def prepare_teacher(teacher, args, accelerator):
@@ -187,6 +238,7 @@ def prepare_teacher(teacher, args, accelerator):
 
 @torch.no_grad()
 def teacher_forward(teacher, batch, want_hidden: bool):
-    out = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                  output_hidden_states=want_hidden)
+    out = teacher(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), output_hidden_states=want_hidden
+    )
     return out.logits, (out.hidden_states[-1] if want_hidden else None)

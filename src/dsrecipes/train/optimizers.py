@@ -6,9 +6,10 @@ Only trainable parameters are given to the optimizer, so frozen ones get no opti
 Under ZeRO-Offload, accelerate swaps torch AdamW for DeepSpeedCPUAdam; 8-bit optimizers cannot be
 offloaded and `dsrecipes check` refuses that combination.
 """
+
 from __future__ import annotations
 
-from dsrecipes.errors import ConfigError
+from dsrecipes.config.errors import ConfigError
 
 EIGHT_BIT = {"adamw_8bit", "paged_adamw_8bit", "torchao_adamw_8bit", "torchao_adamw_4bit"}
 
@@ -38,8 +39,12 @@ def build_optimizer(model, args):
         import bitsandbytes as bnb
 
         if name == "paged_adamw_8bit" and not torch.cuda.is_available():
-            raise ConfigError("<args>", "optimizer", "paged_adamw_8bit pages optimizer state through CUDA unified memory",
-                              "use adamw_8bit on CPU")
+            raise ConfigError(
+                "<args>",
+                "optimizer",
+                "paged_adamw_8bit pages optimizer state through CUDA unified memory",
+                "use adamw_8bit on CPU",
+            )
         cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
         # min_8bit_size=0: quantize every state tensor, also the small ones of a tiny test model.
         return cls(groups, min_8bit_size=0, **kw)
@@ -48,5 +53,9 @@ def build_optimizer(model, args):
 
         cls = AdamW8bit if name.endswith("8bit") else AdamW4bit
         return cls(groups, **kw)
-    raise ConfigError("<args>", "optimizer", f"unknown optimizer {name!r}", "use adamw, adamw_8bit, paged_adamw_8bit, "
-                      "torchao_adamw_8bit or torchao_adamw_4bit")
+    raise ConfigError(
+        "<args>",
+        "optimizer",
+        f"unknown optimizer {name!r}",
+        "use adamw, adamw_8bit, paged_adamw_8bit, torchao_adamw_8bit or torchao_adamw_4bit",
+    )

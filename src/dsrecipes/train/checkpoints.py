@@ -10,6 +10,7 @@
 Layout: output_dir/checkpoints/step_00000100/{pytorch_model/, random_states_*.pkl, trainer_state.json}
 and output_dir/checkpoints/latest (a text file naming the newest complete checkpoint).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ import os
 import shutil
 import signal
 
-from dsrecipes.errors import ConfigError
+from dsrecipes.config.errors import ConfigError
 
 STATE_FILE = "trainer_state.json"
 # Fault injection for the crash test: SIGKILL this process after the checkpoint of step N is written
@@ -46,7 +47,7 @@ class Checkpoints:
                 if name.startswith(".tmp-"):
                     shutil.rmtree(path, ignore_errors=True)
                 elif name.startswith(".old-"):  # a re-save swapped this out: put it back if its successor is missing
-                    final = os.path.join(self.root, name[len(".old-"):])
+                    final = os.path.join(self.root, name[len(".old-") :])
                     if os.path.exists(final):
                         shutil.rmtree(path, ignore_errors=True)
                     else:
@@ -69,8 +70,12 @@ class Checkpoints:
         if resume_from == "latest":
             return self.latest()  # nothing yet: start fresh (a requeued job's first run)
         if not os.path.isfile(os.path.join(resume_from, STATE_FILE)):
-            raise ConfigError("<args>", "resume_from", f"{resume_from!r} is not a complete checkpoint (no {STATE_FILE})",
-                              f"pass 'latest' or a directory under {self.root}")
+            raise ConfigError(
+                "<args>",
+                "resume_from",
+                f"{resume_from!r} is not a complete checkpoint (no {STATE_FILE})",
+                f"pass 'latest' or a directory under {self.root}",
+            )
         return resume_from
 
     # ------------------------------------------------------------------ save / load

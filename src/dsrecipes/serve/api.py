@@ -1,14 +1,15 @@
 """HTTP side of serving: OpenAI request schemas and error bodies, Prometheus metrics, and the Batcher that feeds
-concurrent requests into one model thread (dynamic + iteration-level batching, see dsrecipes.inference.Engine).
+concurrent requests into one model thread (dynamic + iteration-level batching, see dsrecipes.serve.loading.Engine).
 
     batcher = Batcher(engine, encoder=(model, tok), max_wait_ms=10, max_queue=256, metrics=Metrics())
     batcher.start()
     async for index, delta, finish in batcher.generate([[1, 2, 3]], GenParams(max_tokens=8)): ...
     vectors, n_tokens = await batcher.embed(["some text"])
 
-Used by recipes/serve.py; the schemas and the metrics text format are also what dsrecipes.loadgen and
+Used by recipes/serve.py; the schemas and the metrics text format are also what dsrecipes.serve.loadgen and
 benchmarks/bench_serve.py read.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,8 @@ from typing import Annotated, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dsrecipes.generation import Engine, GenParams, Sequence
-from dsrecipes.inference import embed
+from dsrecipes.serve.engine import Engine, GenParams, Sequence
+from dsrecipes.serve.loading import embed
 
 
 # ----------------------------------------------------------------------------- schemas (OpenAI API)
@@ -69,17 +70,30 @@ def as_prompt_list(value) -> list:
 class APIError(Exception):
     """-> HTTP status + OpenAI error body {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-             429: "rate_limit_error", 503: "server_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "invalid_request_error",
+        405: "invalid_request_error",
+        413: "invalid_request_error",
+        422: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_error",
+    }
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def validation_error(exc) -> APIError:
@@ -90,8 +104,12 @@ def validation_error(exc) -> APIError:
     if first.get("type") == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request.", None, "invalid_json")
     param = loc[0] if loc else None
-    return APIError(400, f"Invalid value for '{'.'.join(loc) or 'body'}': {first.get('msg', 'invalid request')}",
-                    param, "invalid_value")
+    return APIError(
+        400,
+        f"Invalid value for '{'.'.join(loc) or 'body'}': {first.get('msg', 'invalid request')}",
+        param,
+        "invalid_value",
+    )
 
 
 # ----------------------------------------------------------------------------- metrics (Prometheus text)
@@ -117,8 +135,11 @@ class _Hist:
             acc += c
             out.append(f'{name}_bucket{{{labels}{sep}le="{b}"}} {acc}')
         tail = f"{{{labels}}}" if labels else ""
-        out += [f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}', f"{name}_sum{tail} {self.sum:.6f}",
-                f"{name}_count{tail} {self.n}"]
+        out += [
+            f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}',
+            f"{name}_sum{tail} {self.sum:.6f}",
+            f"{name}_count{tail} {self.n}",
+        ]
         return out
 
 
@@ -152,26 +173,41 @@ class Metrics:
 
     def render(self) -> str:
         with self.lock:
-            out = ["# HELP dsrecipes_requests_total HTTP requests by endpoint and status code.",
-                   "# TYPE dsrecipes_requests_total counter"]
-            out += [f'dsrecipes_requests_total{{endpoint="{e}",code="{c}"}} {n}' for (e, c), n in sorted(self.requests.items())]
-            out += ["# HELP dsrecipes_request_latency_seconds Request latency (to the last byte).",
-                    "# TYPE dsrecipes_request_latency_seconds histogram"]
+            out = [
+                "# HELP dsrecipes_requests_total HTTP requests by endpoint and status code.",
+                "# TYPE dsrecipes_requests_total counter",
+            ]
+            out += [
+                f'dsrecipes_requests_total{{endpoint="{e}",code="{c}"}} {n}'
+                for (e, c), n in sorted(self.requests.items())
+            ]
+            out += [
+                "# HELP dsrecipes_request_latency_seconds Request latency (to the last byte).",
+                "# TYPE dsrecipes_request_latency_seconds histogram",
+            ]
             for e, h in sorted(self.latency.items()):
                 out += h.lines("dsrecipes_request_latency_seconds", f'endpoint="{e}"')
-            out += ["# HELP dsrecipes_time_to_first_token_seconds Streamed completions: time to the first chunk.",
-                    "# TYPE dsrecipes_time_to_first_token_seconds histogram"]
+            out += [
+                "# HELP dsrecipes_time_to_first_token_seconds Streamed completions: time to the first chunk.",
+                "# TYPE dsrecipes_time_to_first_token_seconds histogram",
+            ]
             out += self.ttft.lines("dsrecipes_time_to_first_token_seconds", "")
-            out += ["# HELP dsrecipes_batch_size Rows in one model forward, by kind (prefill, decode, embed).",
-                    "# TYPE dsrecipes_batch_size histogram"]
+            out += [
+                "# HELP dsrecipes_batch_size Rows in one model forward, by kind (prefill, decode, embed).",
+                "# TYPE dsrecipes_batch_size histogram",
+            ]
             for k, h in sorted(self.batch.items()):
                 out += h.lines("dsrecipes_batch_size", f'kind="{k}"')
             out += ["# HELP dsrecipes_tokens_total Tokens processed, by kind.", "# TYPE dsrecipes_tokens_total counter"]
             out += [f'dsrecipes_tokens_total{{kind="{k}"}} {n}' for k, n in sorted(self.tokens.items())]
-            out += ["# HELP dsrecipes_queue_depth Sequences and embedding inputs waiting for a batch slot.",
-                    "# TYPE dsrecipes_queue_depth gauge", f"dsrecipes_queue_depth {self.queue_depth()}",
-                    "# HELP dsrecipes_running_sequences Sequences in the running generation batch.",
-                    "# TYPE dsrecipes_running_sequences gauge", f"dsrecipes_running_sequences {self.running()}"]
+            out += [
+                "# HELP dsrecipes_queue_depth Sequences and embedding inputs waiting for a batch slot.",
+                "# TYPE dsrecipes_queue_depth gauge",
+                f"dsrecipes_queue_depth {self.queue_depth()}",
+                "# HELP dsrecipes_running_sequences Sequences in the running generation batch.",
+                "# TYPE dsrecipes_running_sequences gauge",
+                f"dsrecipes_running_sequences {self.running()}",
+            ]
         return "\n".join(out) + "\n"
 
 
@@ -191,8 +227,16 @@ class Batcher:
     with loop.call_soon_threadsafe. Generation: Engine steps (sequences join and leave between forwards).
     Embeddings: inputs of concurrent requests grouped up to max_batch_size or max_wait_ms."""
 
-    def __init__(self, engine: Engine | None, encoder=None, max_batch_size: int = 16, max_wait_ms: float = 10.0,
-                 max_queue: int = 256, metrics: Metrics | None = None, on_stop=None):
+    def __init__(
+        self,
+        engine: Engine | None,
+        encoder=None,
+        max_batch_size: int = 16,
+        max_wait_ms: float = 10.0,
+        max_queue: int = 256,
+        metrics: Metrics | None = None,
+        on_stop=None,
+    ):
         self.engine, self.encoder, self.max_batch = engine, encoder, max_batch_size
         self.max_wait, self.max_queue = max_wait_ms / 1000.0, max_queue
         self.metrics = metrics or Metrics()
@@ -219,7 +263,9 @@ class Batcher:
         if self.stopping:
             raise APIError(503, "The server is shutting down.", None, "shutting_down")
         if self.queue_depth() + n > self.max_queue:
-            raise APIError(429, f"Too many queued requests (max_queue {self.max_queue}); retry later.", None, "queue_full")
+            raise APIError(
+                429, f"Too many queued requests (max_queue {self.max_queue}); retry later.", None, "queue_full"
+            )
 
     # ------------------------------------------------------------------ asyncio side
     async def generate(self, prompts: list[list[int]], params: GenParams, stream: bool = True):
@@ -322,8 +368,12 @@ class Batcher:
         if not self.emb_inbox:
             return []
         wait_until = self.emb_inbox[0][3] + self.max_wait
-        while (sum(len(x[0]) for x in self.emb_inbox) < self.max_batch and time.perf_counter() < wait_until
-               and not self.stopping and not (self.engine and self.engine.active)):
+        while (
+            sum(len(x[0]) for x in self.emb_inbox) < self.max_batch
+            and time.perf_counter() < wait_until
+            and not self.stopping
+            and not (self.engine and self.engine.active)
+        ):
             self.cond.wait(wait_until - time.perf_counter())
         take, n = [], 0
         while self.emb_inbox and (not take or n + len(self.emb_inbox[0][0]) <= self.max_batch):
@@ -344,7 +394,7 @@ class Batcher:
             return
         i = 0
         for inputs, loop, fut, _ in items:
-            loop.call_soon_threadsafe(_set, fut, vectors[i: i + len(inputs)].tolist(), None)
+            loop.call_soon_threadsafe(_set, fut, vectors[i : i + len(inputs)].tolist(), None)
             i += len(inputs)
 
 

@@ -7,6 +7,7 @@
 Reports per level: p50/p95/p99 latency, time to first token (with --stream), requests/s, tokens/s and errors;
 writes JSON (--out) and a PNG (--plot). Loopback servers only; every run is bounded by --duration or --requests.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,7 @@ import random
 import time
 from urllib.parse import urlparse
 
-from dsrecipes.errors import ConfigError
+from dsrecipes.config.errors import ConfigError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -28,19 +29,30 @@ def add_arguments(p) -> None:
     p.add_argument("--endpoint", default="completions", choices=["completions", "embeddings"])
     p.add_argument("--model", default=None, help="`model` field of each request (default: the server's default).")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--concurrency", type=int, nargs="+", default=None, help="Closed loop: clients in flight, one level each.")
-    g.add_argument("--rate", type=float, nargs="+", default=None, help="Open loop: Poisson arrivals per second, one level each.")
+    g.add_argument(
+        "--concurrency", type=int, nargs="+", default=None, help="Closed loop: clients in flight, one level each."
+    )
+    g.add_argument(
+        "--rate", type=float, nargs="+", default=None, help="Open loop: Poisson arrivals per second, one level each."
+    )
     p.add_argument("--duration", type=float, default=None, help="Seconds per level (default 10 unless --requests).")
-    p.add_argument("--requests", type=int, default=None, help="Requests per level (instead of, or capping, --duration).")
-    p.add_argument("--prompt-len", default="32", help="Prompt length in characters (= tokens for the byte tokenizer): "
-                   "N | uniform:LO:HI | normal:MEAN:STD.")
+    p.add_argument(
+        "--requests", type=int, default=None, help="Requests per level (instead of, or capping, --duration)."
+    )
+    p.add_argument(
+        "--prompt-len",
+        default="32",
+        help="Prompt length in characters (= tokens for the byte tokenizer): N | uniform:LO:HI | normal:MEAN:STD.",
+    )
     p.add_argument("--max-tokens", default="32", help="max_tokens per request, same forms as --prompt-len.")
     p.add_argument("--inputs-per-request", type=int, default=1, help="Embeddings: texts per request.")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--stream", action="store_true", help="Stream completions and measure time to first token.")
     p.add_argument("--timeout", type=float, default=120.0, help="Per-request timeout in seconds.")
     p.add_argument("--max-in-flight", type=int, default=256, help="Open loop: cap on requests in flight.")
-    p.add_argument("--api-key-env", default="DSRECIPES_API_KEY", help="Env var holding the API key (if the server wants one).")
+    p.add_argument(
+        "--api-key-env", default="DSRECIPES_API_KEY", help="Env var holding the API key (if the server wants one)."
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="Write the results JSON here.")
     p.add_argument("--plot", default=None, help="Write a latency/throughput PNG here.")
@@ -63,7 +75,9 @@ def run(ns) -> int:
 def config_from_args(ns) -> dict:
     host = urlparse(ns.url).hostname
     if host not in LOOPBACK:
-        raise ConfigError("<cli>", "--url", f"{host!r} is not a loopback address", "drive a server on 127.0.0.1 / localhost")
+        raise ConfigError(
+            "<cli>", "--url", f"{host!r} is not a loopback address", "drive a server on 127.0.0.1 / localhost"
+        )
     if ns.duration is None and ns.requests is None:
         ns.duration = 10.0
     if (ns.duration is not None and ns.duration <= 0) or (ns.requests is not None and ns.requests <= 0):
@@ -71,25 +85,56 @@ def config_from_args(ns) -> dict:
     levels = [("concurrency", c) for c in (ns.concurrency or [])] + [("rate", r) for r in (ns.rate or [])]
     levels = levels or [("concurrency", 1)]
     if any(v <= 0 for _, v in levels) or any(v > 1024 for k, v in levels if k == "concurrency"):
-        raise ConfigError("<cli>", "--concurrency/--rate", "levels must be > 0 (concurrency <= 1024)", "e.g. --concurrency 1 4 16")
-    return {"url": ns.url.rstrip("/"), "endpoint": ns.endpoint, "model": ns.model, "levels": levels,
-            "duration": ns.duration, "requests": ns.requests, "prompt_len": parse_dist(ns.prompt_len, "--prompt-len"),
-            "max_tokens": parse_dist(ns.max_tokens, "--max-tokens"), "inputs_per_request": ns.inputs_per_request,
-            "temperature": ns.temperature, "stream": ns.stream, "timeout": ns.timeout,
-            "max_in_flight": ns.max_in_flight, "api_key": os.environ.get(ns.api_key_env), "seed": ns.seed}
+        raise ConfigError(
+            "<cli>", "--concurrency/--rate", "levels must be > 0 (concurrency <= 1024)", "e.g. --concurrency 1 4 16"
+        )
+    return {
+        "url": ns.url.rstrip("/"),
+        "endpoint": ns.endpoint,
+        "model": ns.model,
+        "levels": levels,
+        "duration": ns.duration,
+        "requests": ns.requests,
+        "prompt_len": parse_dist(ns.prompt_len, "--prompt-len"),
+        "max_tokens": parse_dist(ns.max_tokens, "--max-tokens"),
+        "inputs_per_request": ns.inputs_per_request,
+        "temperature": ns.temperature,
+        "stream": ns.stream,
+        "timeout": ns.timeout,
+        "max_in_flight": ns.max_in_flight,
+        "api_key": os.environ.get(ns.api_key_env),
+        "seed": ns.seed,
+    }
 
 
 def make_config(url: str, **kw) -> dict:
     """The same config dict as the CLI builds, for library use (benchmarks): make_config(url, stream=True, ...)."""
-    cfg = {"url": url.rstrip("/"), "endpoint": "completions", "model": None, "levels": [("concurrency", 1)],
-           "duration": 10.0, "requests": None, "prompt_len": ("fixed", 32), "max_tokens": ("fixed", 32),
-           "inputs_per_request": 1, "temperature": 0.0, "stream": False, "timeout": 120.0, "max_in_flight": 256,
-           "api_key": None, "seed": 0}
+    cfg = {
+        "url": url.rstrip("/"),
+        "endpoint": "completions",
+        "model": None,
+        "levels": [("concurrency", 1)],
+        "duration": 10.0,
+        "requests": None,
+        "prompt_len": ("fixed", 32),
+        "max_tokens": ("fixed", 32),
+        "inputs_per_request": 1,
+        "temperature": 0.0,
+        "stream": False,
+        "timeout": 120.0,
+        "max_in_flight": 256,
+        "api_key": None,
+        "seed": 0,
+    }
     unknown = set(kw) - set(cfg)
     if unknown:
         raise TypeError(f"unknown loadgen settings {sorted(unknown)}")
-    cfg.update({k: parse_dist(v, k) if k in ("prompt_len", "max_tokens") and isinstance(v, (str, int)) else v
-                for k, v in kw.items()})
+    cfg.update(
+        {
+            k: parse_dist(v, k) if k in ("prompt_len", "max_tokens") and isinstance(v, (str, int)) else v
+            for k, v in kw.items()
+        }
+    )
     return cfg
 
 
@@ -119,7 +164,7 @@ def draw(dist: tuple, rng: random.Random) -> int:
 
 
 def make_text(n_chars: int, rng: random.Random) -> str:
-    from dsrecipes.data import generated_corpus
+    from dsrecipes.train.data import generated_corpus
 
     words = make_text.words = getattr(make_text, "words", None) or " ".join(generated_corpus(20, 1234, 7)).split()
     out = ""
@@ -136,8 +181,12 @@ async def one_request(client, cfg: dict, rng: random.Random) -> dict:
         inputs = [make_text(draw(cfg["prompt_len"], rng), rng) for _ in range(cfg["inputs_per_request"])]
         body, path = {"input": inputs if len(inputs) > 1 else inputs[0]}, "/v1/embeddings"
     else:
-        body = {"prompt": make_text(draw(cfg["prompt_len"], rng), rng), "max_tokens": draw(cfg["max_tokens"], rng),
-                "temperature": cfg["temperature"], "stream": cfg["stream"]}
+        body = {
+            "prompt": make_text(draw(cfg["prompt_len"], rng), rng),
+            "max_tokens": draw(cfg["max_tokens"], rng),
+            "temperature": cfg["temperature"],
+            "stream": cfg["stream"],
+        }
         if cfg["stream"]:
             body["stream_options"] = {"include_usage": True}
         path = "/v1/completions"
@@ -169,7 +218,9 @@ async def one_request(client, cfg: dict, rng: random.Random) -> dict:
                 rec["error"] = f"http_{resp.status_code}"
                 return rec
             usage = resp.json().get("usage", {})
-            rec["completion_tokens"] = usage.get("completion_tokens", usage.get("total_tokens", 0) if path.endswith("embeddings") else 0)
+            rec["completion_tokens"] = usage.get(
+                "completion_tokens", usage.get("total_tokens", 0) if path.endswith("embeddings") else 0
+            )
         rec["ok"], rec["latency"] = True, time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - every failure is counted, none stops the run
         rec["error"] = type(exc).__name__
@@ -191,11 +242,13 @@ async def run_level(cfg: dict, kind: str, value: float, seed: int = 0, records: 
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=cfg["timeout"], limits=limits, trust_env=False) as client:
         if kind == "concurrency":
+
             async def worker():
                 nonlocal started
                 while started < limit and time.perf_counter() < deadline:
                     started += 1
                     records.append(await one_request(client, cfg, rng))
+
             await asyncio.gather(*(worker() for _ in range(int(value))))
         else:  # open loop: Poisson arrivals, bounded in flight
             sem, tasks = asyncio.Semaphore(cfg["max_in_flight"]), []
@@ -203,6 +256,7 @@ async def run_level(cfg: dict, kind: str, value: float, seed: int = 0, records: 
             async def fire():
                 async with sem:
                     records.append(await one_request(client, cfg, rng))
+
             while started < limit and time.perf_counter() < deadline:
                 started += 1
                 tasks.append(asyncio.create_task(fire()))
@@ -233,12 +287,20 @@ def summarize(records: list[dict], seconds: float, kind: str, value: float) -> d
         if not r["ok"]:
             errors[r["error"]] = errors.get(r["error"], 0) + 1
     toks = sum(r["completion_tokens"] for r in ok)
-    return {kind: value, "requests": len(records), "ok": len(ok), "errors": len(records) - len(ok),
-            "error_kinds": errors, "duration_s": round(seconds, 3), "req_per_s": len(ok) / seconds,
-            "tokens_per_s": toks / seconds, "completion_tokens": toks,
-            **{f"latency_p{q}_s": percentile(lat, q) for q in (50, 95, 99)},
-            "latency_mean_s": sum(lat) / len(lat) if lat else None,
-            **{f"ttft_p{q}_s": percentile(ttft, q) for q in (50, 95, 99)}}
+    return {
+        kind: value,
+        "requests": len(records),
+        "ok": len(ok),
+        "errors": len(records) - len(ok),
+        "error_kinds": errors,
+        "duration_s": round(seconds, 3),
+        "req_per_s": len(ok) / seconds,
+        "tokens_per_s": toks / seconds,
+        "completion_tokens": toks,
+        **{f"latency_p{q}_s": percentile(lat, q) for q in (50, 95, 99)},
+        "latency_mean_s": sum(lat) / len(lat) if lat else None,
+        **{f"ttft_p{q}_s": percentile(ttft, q) for q in (50, 95, 99)},
+    }
 
 
 def format_table(results: list[dict]) -> str:
@@ -247,9 +309,21 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         level = f"c={r['concurrency']}" if "concurrency" in r else f"rate={r['rate']}"
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        rows.append(" | ".join([level, str(r["requests"]), str(r["errors"]), f"{r['req_per_s']:.2f}",
-                                f"{r['tokens_per_s']:.1f}", f(r["latency_p50_s"]), f(r["latency_p95_s"]),
-                                f(r["latency_p99_s"]), f(r["ttft_p50_s"])]))
+        rows.append(
+            " | ".join(
+                [
+                    level,
+                    str(r["requests"]),
+                    str(r["errors"]),
+                    f"{r['req_per_s']:.2f}",
+                    f"{r['tokens_per_s']:.1f}",
+                    f(r["latency_p50_s"]),
+                    f(r["latency_p95_s"]),
+                    f(r["latency_p99_s"]),
+                    f(r["ttft_p50_s"]),
+                ]
+            )
+        )
     return "\n".join(rows)
 
 

@@ -11,6 +11,7 @@ Layers: [wte, wpe + dropout, block x n_layer, ln_f, lm_head]. With tie_word_embe
 are one TiedLayerSpec("wte"): both stages hold a copy, DeepSpeed all-reduces its gradient after backward.
 Used by recipes/train_pipeline.py, benchmarks/throughput_pipeline.py and tests/test_pipeline.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from dsrecipes.errors import ConfigError
+from dsrecipes.config.errors import ConfigError
 
 
 # ----------------------------------------------------------------------------- layers
@@ -101,22 +102,32 @@ def pipeline_config(args, tokenizer=None):
     """The HF config of model_name_or_path (a local dir) or of model_config; only GPT-2 models."""
     from transformers import AutoConfig
 
-    from dsrecipes.models import load_model_config
+    from dsrecipes.train.models import load_model_config
 
     if args.model_name_or_path:
         try:
             config = AutoConfig.from_pretrained(args.model_name_or_path)
         except Exception as exc:  # noqa: BLE001 - any failure is a bad model input
-            raise ConfigError("<args>", "model_name_or_path", f"cannot load the config of {args.model_name_or_path!r} "
-                              f"({type(exc).__name__})", "give a local HF model directory (an exported final/ works)") from None
+            raise ConfigError(
+                "<args>",
+                "model_name_or_path",
+                f"cannot load the config of {args.model_name_or_path!r} ({type(exc).__name__})",
+                "give a local HF model directory (an exported final/ works)",
+            ) from None
         where = args.model_name_or_path
     else:
         config, where = load_model_config(args.model_config, tokenizer), args.model_config
     if config.model_type != "gpt2":
-        raise ConfigError(where, "model_type", f"{config.model_type!r} is not supported by the pipeline recipe",
-                          "use a GPT-2 model (model_type gpt2)")
+        raise ConfigError(
+            where,
+            "model_type",
+            f"{config.model_type!r} is not supported by the pipeline recipe",
+            "use a GPT-2 model (model_type gpt2)",
+        )
     if getattr(config, "add_cross_attention", False):
-        raise ConfigError(where, "add_cross_attention", "cross-attention models cannot be pipelined here", "set it to false")
+        raise ConfigError(
+            where, "add_cross_attention", "cross-attention models cannot be pipelined here", "set it to false"
+        )
     config = copy.deepcopy(config)
     config._attn_implementation = "sdpa"  # causal without a mask tensor; the same kernel the HF model uses on CPU
     return config
@@ -128,8 +139,9 @@ def layer_specs(config) -> list:
     vocab, hidden = config.vocab_size, config.n_embd
     if config.tie_word_embeddings:
         first = TiedLayerSpec("wte", GPT2TokenEmbeddingPipe, vocab, hidden, tied_weight_attr="weight")
-        last = TiedLayerSpec("wte", GPT2TokenEmbeddingPipe, vocab, hidden, forward_fn=tied_lm_head,
-                             tied_weight_attr="weight")
+        last = TiedLayerSpec(
+            "wte", GPT2TokenEmbeddingPipe, vocab, hidden, forward_fn=tied_lm_head, tied_weight_attr="weight"
+        )
     else:
         first, last = LayerSpec(GPT2TokenEmbeddingPipe, vocab, hidden), LayerSpec(GPT2LMHeadPipe, config)
     blocks = [LayerSpec(GPT2BlockPipe, config, i) for i in range(config.n_layer)]
@@ -145,8 +157,12 @@ def check_partition(specs, num_stages: int, method: str, where: str = "<args>") 
     if low in ("parameters", "uniform"):
         return
     if not low.startswith("type:"):
-        raise ConfigError(where, "partition_method", f"{method!r} is not a partition method",
-                          "use parameters, uniform or type:<regex> (e.g. type:block)")
+        raise ConfigError(
+            where,
+            "partition_method",
+            f"{method!r} is not a partition method",
+            "use parameters, uniform or type:<regex> (e.g. type:block)",
+        )
     try:
         pattern = re.compile(low.split(":")[1], re.IGNORECASE)
     except re.error as exc:
@@ -154,22 +170,38 @@ def check_partition(specs, num_stages: int, method: str, where: str = "<args>") 
     names = [s.typename.__name__ for s in specs]
     hits = sum(1 for n in names if pattern.search(n))
     if hits < num_stages:
-        raise ConfigError(where, "partition_method", f"{method!r} matches {hits} layer(s) of {sorted(set(names))}, "
-                          f"fewer than num_stages={num_stages}", "match more layers, e.g. type:block")
+        raise ConfigError(
+            where,
+            "partition_method",
+            f"{method!r} matches {hits} layer(s) of {sorted(set(names))}, fewer than num_stages={num_stages}",
+            "match more layers, e.g. type:block",
+        )
 
 
-def build_pipeline(config, num_stages: int, partition_method: str = "type:block",
-                   activation_checkpoint_interval: int = 0, where: str = "<args>"):
+def build_pipeline(
+    config,
+    num_stages: int,
+    partition_method: str = "type:block",
+    activation_checkpoint_interval: int = 0,
+    where: str = "<args>",
+):
     """A PipelineModule; each rank builds only its stage's layers (needs torch.distributed initialised)."""
     from deepspeed.pipe import PipelineModule
 
     specs = layer_specs(config)
     check_partition(specs, num_stages, partition_method, where)
     if activation_checkpoint_interval < 0:
-        raise ConfigError(where, "activation_checkpoint_interval", f"{activation_checkpoint_interval}", "use 0 (off) or k >= 1")
-    pipe = PipelineModule(layers=specs, num_stages=num_stages, loss_fn=causal_lm_loss, partition_method=partition_method,
-                          activation_checkpoint_interval=activation_checkpoint_interval,
-                          checkpointable_layers=CHECKPOINTABLE)
+        raise ConfigError(
+            where, "activation_checkpoint_interval", f"{activation_checkpoint_interval}", "use 0 (off) or k >= 1"
+        )
+    pipe = PipelineModule(
+        layers=specs,
+        num_stages=num_stages,
+        loss_fn=causal_lm_loss,
+        partition_method=partition_method,
+        activation_checkpoint_interval=activation_checkpoint_interval,
+        checkpointable_layers=CHECKPOINTABLE,
+    )
     # Gradient clipping under ZeRO-0 (deepspeed.runtime.utils.clip_grad_norm_) sums squared norms over the
     # model-parallel group but only counts model-parallel rank 0's parameters unless they are flagged, so every
     # stage after the first was left out of the global norm (measured: updates 20% off the unsplit model's).
@@ -207,17 +239,23 @@ class _CheckpointTensors:
                 self.files = {k: os.path.join(path, "model.safetensors") for k in fh.keys()}
         self.loaded = {}
         if not self.files and os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-            self.loaded = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True)
+            self.loaded = torch.load(
+                os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True
+            )
         if not self.files and not self.loaded:
-            raise ConfigError("<args>", "model_name_or_path", f"no model.safetensors(.index.json) or pytorch_model.bin in {path!r}",
-                              "give an HF model directory (an exported final/ works)")
+            raise ConfigError(
+                "<args>",
+                "model_name_or_path",
+                f"no model.safetensors(.index.json) or pytorch_model.bin in {path!r}",
+                "give an HF model directory (an exported final/ works)",
+            )
         names = set(self.files) | set(self.loaded)
         self.prefix = "" if any(k.startswith("transformer.") for k in names) else "transformer."  # a bare GPT2Model
 
     def get(self, name: str):
         from safetensors import safe_open
 
-        key = name[len(self.prefix):] if self.prefix and name.startswith(self.prefix) else name
+        key = name[len(self.prefix) :] if self.prefix and name.startswith(self.prefix) else name
         if key in self.loaded:
             return self.loaded[key]
         if key not in self.files:
@@ -231,10 +269,14 @@ def weight_source(args, config, tokenizer=None):
     (the same initialisation train_lm.py gets; every rank builds it once, keeps its stage, drops the rest)."""
     if args.model_name_or_path:
         if not os.path.isdir(args.model_name_or_path):
-            raise ConfigError("<args>", "model_name_or_path", f"{args.model_name_or_path!r} is not a local directory",
-                              "download the model first (huggingface-cli download) and pass its directory")
+            raise ConfigError(
+                "<args>",
+                "model_name_or_path",
+                f"{args.model_name_or_path!r} is not a local directory",
+                "download the model first (huggingface-cli download) and pass its directory",
+            )
         return _CheckpointTensors(args.model_name_or_path)
-    from dsrecipes.models import build_causal_lm
+    from dsrecipes.train.models import build_causal_lm
 
     return types.SimpleNamespace(get=build_causal_lm(args, tokenizer).state_dict().get)  # same .get as a checkpoint
 
@@ -245,11 +287,19 @@ def load_hf_weights(pipe, source) -> None:
         for name, current in module.state_dict().items():
             tensor = source.get(prefix + name)
             if tensor is None:
-                raise ConfigError("<args>", "model_name_or_path", f"the checkpoint has no tensor {prefix + name!r}",
-                                  "use a GPT-2 checkpoint saved by transformers")
+                raise ConfigError(
+                    "<args>",
+                    "model_name_or_path",
+                    f"the checkpoint has no tensor {prefix + name!r}",
+                    "use a GPT-2 checkpoint saved by transformers",
+                )
             if tuple(tensor.shape) != tuple(current.shape):
-                raise ConfigError("<args>", "model_name_or_path", f"{prefix + name} has shape {tuple(tensor.shape)}, the "
-                                  f"config says {tuple(current.shape)}", "use the config.json saved with the weights")
+                raise ConfigError(
+                    "<args>",
+                    "model_name_or_path",
+                    f"{prefix + name} has shape {tuple(tensor.shape)}, the config says {tuple(current.shape)}",
+                    "use the config.json saved with the weights",
+                )
             state[name] = tensor
         module.load_state_dict(state, strict=True)
 
@@ -403,5 +453,7 @@ class BubbleMeter:
             return {}
         fractions = torch.stack([(p[:, 1] - p[:, 0]) / p[:, 1].clamp_min(1e-12) for p in parts])  # ranks x steps
         per_step = fractions.mean(0)  # every stage has the same number of replicas: mean over ranks = over stages
-        return {"bubble_per_step": [round(x, 4) for x in per_step.tolist()],
-                "bubble_measured_median": float(per_step.median())}
+        return {
+            "bubble_per_step": [round(x, 4) for x in per_step.tolist()],
+            "bubble_measured_median": float(per_step.median()),
+        }

@@ -1,24 +1,53 @@
-"""GPU memory table, the fits-a-GPU check and --fit's step-time model, for the memory planner (dsrecipes.planner).
+"""GPU memory table, the fits-a-GPU check and --fit's step-time model, for the memory planner
+(dsrecipes.memory.planner).
 
-    from dsrecipes.gpus import GPUS, fits, step_cost
+    from dsrecipes.memory.gpus import GPUS, fits, step_cost
     fits(total_bytes, "A100-40GB")      # {"gpu", "memory", "usable", "headroom", "fits"}
 
 Used by `dsrecipes plan` (run: dsrecipes plan --model M --gpu A100-40GB [--fit]); the cost model is explained in
 docs/planner.md.
 """
+
 from __future__ import annotations
 
-from dsrecipes.errors import ConfigError
+from dsrecipes.config.errors import ConfigError
 
 GiB = 2**30
 # Memory per GPU in GiB (vendor figures). K80 is one of the board's two 12 GB GPUs. Usable = memory x (1 - headroom).
-GPUS = {"K80": 12, "P100-16GB": 16, "GTX-1080Ti": 11, "RTX-2080Ti": 11, "T4": 16, "V100-16GB": 16, "V100-32GB": 32,
-        "RTX-3090": 24, "RTX-4090": 24, "A10": 24, "A10G": 24, "L4": 24, "RTX-A6000": 48, "L40S": 48,
-        "A100-40GB": 40, "A100-80GB": 80, "H100-80GB": 80, "H100-94GB": 94, "H200-141GB": 141, "B200-180GB": 180}
+GPUS = {
+    "K80": 12,
+    "P100-16GB": 16,
+    "GTX-1080Ti": 11,
+    "RTX-2080Ti": 11,
+    "T4": 16,
+    "V100-16GB": 16,
+    "V100-32GB": 32,
+    "RTX-3090": 24,
+    "RTX-4090": 24,
+    "A10": 24,
+    "A10G": 24,
+    "L4": 24,
+    "RTX-A6000": 48,
+    "L40S": 48,
+    "A100-40GB": 40,
+    "A100-80GB": 80,
+    "H100-80GB": 80,
+    "H100-94GB": 94,
+    "H200-141GB": 141,
+    "B200-180GB": 180,
+}
 DEFAULT_HEADROOM = 0.10  # CUDA context (~0.3-0.5 GiB), NCCL buffers, allocator fragmentation
 # --fit's step-time model: multiplicative factors on a ZeRO-0/1/2, no-recompute, AdamW step (docs/planner.md).
-COST = {"recompute": 1.33, "zero3": 1.15, "offload_optimizer": 1.5, "offload_param": 2.0, "adamw_8bit": 1.02,
-        "paged_adamw_8bit": 1.05, "torchao_adamw_8bit": 1.05, "torchao_adamw_4bit": 1.08}
+COST = {
+    "recompute": 1.33,
+    "zero3": 1.15,
+    "offload_optimizer": 1.5,
+    "offload_param": 2.0,
+    "adamw_8bit": 1.02,
+    "paged_adamw_8bit": 1.05,
+    "torchao_adamw_8bit": 1.05,
+    "torchao_adamw_4bit": 1.08,
+}
 
 
 def gpu_memory(name):
