@@ -58,6 +58,10 @@ train: setup  ## train the tiny default (2 CPU procs, ZeRO-2) and print where th
 check: setup  ## lint every shipped config with dsrecipes check
 	$(BIN)/dsrecipes check --all
 
+.PHONY: compat
+compat: setup  ## regenerate docs/compat.md from the rule table and the runs of tests/test_compat.py
+	$(BIN)/dsrecipes compat
+
 # ---- Throughput recipes (issue 4): distillation and the throughput benchmark. Freezing runs through `make train`
 # with a freeze_* recipe, e.g. make train RECIPE=configs/recipes/freeze_tiny_progressive.yaml
 .PHONY: distill bench-throughput
@@ -82,7 +86,7 @@ bench-memory: setup  ## checkpointing / 8-bit / ZeRO 0-3 memory and time vs the 
 	$(BIN)/python benchmarks/bench_memory.py
 
 # ---- SLURM (slurm/README.md). `make slurm-*` submits with sbatch and prints the job id and log path.
-.PHONY: setup-slurm test-slurm slurm-train slurm-distill slurm-pipeline slurm-serve
+.PHONY: setup-slurm setup-system test-slurm slurm-train slurm-distill slurm-pipeline slurm-serve
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SBATCH_ARGS ?=
 SUBMIT = mkdir -p logs && id=$$(sbatch --parsable $(SBATCH_ARGS) $(1)) && id=$${id%%;*} && \
@@ -90,6 +94,10 @@ SUBMIT = mkdir -p logs && id=$$(sbatch --parsable $(SBATCH_ARGS) $(1)) && id=$${
 setup-slurm:  ## install SLURM + munge from Debian (for the local test cluster; root or sudo)
 	$(SUDO) apt-get update
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
+
+setup-system:  ## libaio from Debian: DeepSpeed's async_io op (ZeRO-Infinity NVMe offload, zero3_nvme.json; root or sudo)
+	$(SUDO) apt-get update
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends libaio-dev
 
 test-slurm: setup  ## only the SLURM tests (a real 2-node cluster on 127.0.0.1, started and stopped by the tests)
 	$(BIN)/python -m pytest tests/test_slurm.py -q -m slurm

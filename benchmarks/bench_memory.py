@@ -34,12 +34,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.chdir(ROOT)
+from dsrecipes.launching import child_env, free_port, launch_cmd  # noqa: E402
 from dsrecipes.memory import activation_checkpointing, measure, planner  # noqa: E402
 from dsrecipes.results import target, write_results  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 WORK = os.path.join(ROOT, "outputs", "bench_memory")
-BIN = os.path.dirname(sys.executable)
 MiB = 2**20
 S = lambda full, quick: quick if QUICK else full
 LAYERS, HIDDEN, HEADS, MICRO, SEQ = S(12, 4), 256, 4, 2, S(256, 64)  # checkpointing rows
@@ -84,7 +84,8 @@ def single_rank_group() -> None:
     """deepspeed.checkpointing.configure needs DeepSpeed's communication set up: a world of one here."""
     import deepspeed
 
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29631", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+    port = str(free_port())
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
         os.environ.setdefault(k, v)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
@@ -283,59 +284,49 @@ def zero_rows(path: str, spec) -> list[dict]:
         ("ZeRO-2 adamw_8bit", "configs/deepspeed/zero2.json", "adamw_8bit"),
         ("ZeRO-3 adamw_8bit", "configs/deepspeed/zero3.json", "adamw_8bit"),
     ]
-    for i, (name, ds, opt) in enumerate(runs):
+    for name, ds, opt in runs:
         out = os.path.join(WORK, name.replace(" ", "_"))
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [
-            os.path.join(BIN, "accelerate"),
-            "launch",
-            "--config_file",
-            "configs/accelerate/deepspeed_cpu_2proc.yaml",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            str(29640 + i),
-            "--num_cpu_threads_per_process",
-            "1",
-            "--deepspeed_config_file",
-            ds,
+        cmd = launch_cmd(
             "recipes/train_lm.py",
-            "--config",
-            "configs/recipes/train_tiny_zero2.yaml",
-            "--model_config",
-            path,
-            "--optimizer",
-            opt,
-            "--max_steps",
-            str(ZERO_STEPS),
-            "--block_size",
-            str(ZSEQ),
-            "--per_device_train_batch_size",
-            str(ZMICRO),
-            "--generated_docs",
-            "200",
-            "--eval_docs",
-            "20",
-            "--logging_steps",
-            "1",
-            "--eval_steps",
-            "100000",
-            "--max_eval_batches",
-            "1",
-            "--save_steps",
-            "0",
-            "--export_final",
-            "false",
-            "--report_to",
-            "none",
-            "--warmup_steps",
-            "1",
-            "--output_dir",
-            out,
-        ]
-        env = dict(
-            os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
+            [
+                "--config",
+                "configs/recipes/train_tiny_zero2.yaml",
+                "--model_config",
+                path,
+                "--optimizer",
+                opt,
+                "--max_steps",
+                str(ZERO_STEPS),
+                "--block_size",
+                str(ZSEQ),
+                "--per_device_train_batch_size",
+                str(ZMICRO),
+                "--generated_docs",
+                "200",
+                "--eval_docs",
+                "20",
+                "--logging_steps",
+                "1",
+                "--eval_steps",
+                "100000",
+                "--max_eval_batches",
+                "1",
+                "--save_steps",
+                "0",
+                "--export_final",
+                "false",
+                "--report_to",
+                "none",
+                "--warmup_steps",
+                "1",
+                "--output_dir",
+                out,
+            ],
+            deepspeed=ds,
+            num_processes=2,
         )
+        env = child_env()
         t0 = time.time()
         with open(out + ".log", "w") as log:
             rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode

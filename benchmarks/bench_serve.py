@@ -30,23 +30,19 @@ Every server runs 1 torch thread per process (the load generator shares the 2 co
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.chdir(ROOT)
+from dsrecipes.launching import Server  # noqa: E402
 from dsrecipes.results import target, write_results  # noqa: E402
 from dsrecipes.serve import loadgen  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 WORK = os.path.join(ROOT, "outputs", "bench_serve")
-BIN = os.path.dirname(sys.executable)
 LEVEL_S = 3 if QUICK else 10
 LOAD_S = 10 if QUICK else 60
 
@@ -123,41 +119,11 @@ def build_models() -> dict:
 
 
 # ----------------------------------------------------------------------------- servers and load
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, name: str, args: list[str], launcher: list[str] | None = None):
-        self.log_path = os.path.join(WORK, f"server_{name}.log")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        env.pop("DSRECIPES_API_KEY", None)
-        # 1 torch thread per server process (TP: 1 per rank): the load generator needs the other core
-        args = [*args, "--num_threads", "1"]
-        self.proc = subprocess.Popen(
-            (launcher or [sys.executable]) + ["recipes/serve.py", "--port", "0", *args],
-            stdout=open(self.log_path, "w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        deadline, self.url = time.time() + 300, None
-        while self.url is None:
-            for line in open(self.log_path):
-                if line.startswith("serving ") and " on http://" in line:
-                    self.url = line.split(" on ")[1].split()[0]
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"server {name} did not start; see {self.log_path}")
-            time.sleep(0.3)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+def server(name: str, args: list[str], nproc: int = 1) -> Server:
+    """A recipes/serve.py process (torchrun when nproc > 1) via dsrecipes.launching, logging to WORK/server_NAME.log.
+    1 torch thread per server process (TP: 1 per rank): the load generator needs the other core."""
+    log = os.path.join(WORK, f"server_{name}.log")
+    return Server([*args, "--num_threads", "1"], log, nproc=nproc, timeout=300)
 
 
 def drive(url: str, levels, **kw) -> list[dict]:
@@ -198,7 +164,7 @@ def bench_batching(models) -> list[dict]:
     rows = []
     for key, label in BATCH_MODELS.items():
         servers = {
-            m: Server(
+            m: server(
                 f"batching_{key}_{m}",
                 ["--config", "configs/recipes/serve_cpu.yaml", "--model_name_or_path", models[key], *flags],
             )
@@ -384,19 +350,18 @@ def bench_tp(models) -> list[dict]:
     """hf, deepspeed tp=1 and tp=2 servers up at once, driven in A B C C B A order (half the time each)."""
     import asyncio
 
-    torchrun = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     setups = {
-        "hf": ([], None),
-        "deepspeed tp=1": (["--engine", "deepspeed"], None),
-        "deepspeed tp=2": (["--config", "configs/recipes/serve_tp2_cpu.yaml"], torchrun),
+        "hf": ([], 1),
+        "deepspeed tp=1": (["--engine", "deepspeed"], 1),
+        "deepspeed tp=2": (["--config", "configs/recipes/serve_tp2_cpu.yaml"], 2),
     }
     servers, rows = {}, []
     try:
-        for name, (flags, launcher) in setups.items():
-            servers[name] = Server(
+        for name, (flags, nproc) in setups.items():
+            servers[name] = server(
                 name.replace(" ", "_").replace("=", ""),
                 ["--model_name_or_path", models["llama_4x512"], "--max_batch_size", "16", *flags],
-                launcher,
+                nproc,
             )
         texts = {name: greedy_texts(srv.url, PROMPTS, 16) for name, srv in servers.items()}
         records, seconds = {n: [] for n in setups}, {n: 0.0 for n in setups}
@@ -406,14 +371,14 @@ def bench_tp(models) -> list[dict]:
                 servers[name].url, duration=LEVEL_S / 2, prompt_len="uniform:16:64", max_tokens=32
             )
             seconds[name] += asyncio.run(loadgen.run_level(cfg, "concurrency", 8, i, records[name]))["duration_s"]
-        for name, (_, launcher) in setups.items():
+        for name, (_, nproc) in setups.items():
             r = loadgen.summarize(records[name], seconds[name], "concurrency", 8)
             rows.append(
                 {
                     "section": "init_inference",
                     "mode": name,
                     "model": "Llama 4x512 (13M)",
-                    "processes": 2 if launcher else 1,
+                    "processes": nproc,
                     **_load_row(r),
                     "greedy_same_as_hf": texts[name] == texts["hf"],
                 }
@@ -428,7 +393,7 @@ def bench_tp(models) -> list[dict]:
 def bench_load(models) -> list[dict]:
     import asyncio
 
-    srv = Server(
+    srv = server(
         "load",
         [
             "--config",

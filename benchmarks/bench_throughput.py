@@ -32,12 +32,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from dsrecipes.launching import DS_YAML, child_env, launch_cmd  # noqa: E402
 from dsrecipes.results import target, write_results  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 WORK = os.path.join(ROOT, "outputs", "bench_throughput")
-BIN = os.path.dirname(sys.executable)
-DS_YAML = "configs/accelerate/deepspeed_cpu_2proc.yaml"
 ZERO2 = "configs/deepspeed/zero2.json"
 S = lambda full, quick: quick if QUICK else full
 TEACHER_STEPS, FT_STEPS, DISTILL_STEPS, TRAINER_STEPS = S(250, 6), S(150, 8), S(100, 6), S(80, 20)
@@ -122,40 +121,15 @@ COLUMNS = [
     "bubble_measured",
     "rel_deviation",
 ]  # the Markdown table; the JSON has every field
-_port = [29700]
 
 
 def launch(name: str, script: str, args: list[str], nproc: int = 1, deepspeed: str = ZERO2) -> dict:
-    """accelerate launch one run into WORK/name; returns its summary.json."""
+    """accelerate launch one run into WORK/name (dsrecipes.launching: a free port, 1 thread per rank); returns its
+    summary.json."""
     out = os.path.join(WORK, name)
     shutil.rmtree(out, ignore_errors=True)
-    _port[0] += 1
-    cmd = [
-        os.path.join(BIN, "accelerate"),
-        "launch",
-        "--config_file",
-        DS_YAML,
-        "--num_processes",
-        str(nproc),
-        "--main_process_port",
-        str(_port[0]),
-        "--num_cpu_threads_per_process",
-        "1",
-        "--deepspeed_config_file",
-        deepspeed,
-        script,
-        *args,
-        "--output_dir",
-        out,
-    ]
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.path.join(ROOT, "src"),
-    )
+    cmd = launch_cmd(script, [*args, "--output_dir", out], DS_YAML, deepspeed=deepspeed, num_processes=nproc)
+    env = child_env(PYTHONPATH=os.path.join(ROOT, "src"))
     t0, cpu0 = time.time(), _children_cpu()
     with open(out + ".log", "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,72 +41,52 @@ MODEL = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(workdir: str, name: str, micro_batches: int, stages: int, steps: int = STEPS) -> dict:
     out = os.path.join(workdir, name)
     model_config = os.path.join(workdir, "model.json")
     with open(model_config, "w") as fh:
         json.dump(MODEL, fh)
-    bindir = os.path.dirname(sys.executable)
-    cmd = [
-        os.path.join(bindir, "accelerate"),
-        "launch",
-        "--config_file",
-        "configs/accelerate/deepspeed_cpu_2proc.yaml",
-        "--deepspeed_config_file",
-        "configs/deepspeed/zero1.json",
-        "--num_processes",
-        str(stages),
-        "--main_process_port",
-        str(_free_port()),
-        "--num_cpu_threads_per_process",
-        "1",
+    from dsrecipes.launching import child_env, launch_cmd  # here: run alone, __main__ puts src/ on sys.path first
+
+    cmd = launch_cmd(
         "recipes/train_pipeline.py",
-        "--config",
-        "configs/recipes/pipeline_tiny.yaml",
-        "--model_config",
-        model_config,
-        "--num_stages",
-        str(stages),
-        "--gradient_accumulation_steps",
-        str(micro_batches),
-        "--max_steps",
-        str(steps),
-        "--logging_steps",
-        str(steps),
-        "--eval_steps",
-        str(steps),
-        "--max_eval_batches",
-        "1",
-        "--save_steps",
-        "0",
-        "--warmup_steps",
-        "1",
-        "--generated_docs",
-        "400",
-        "--eval_docs",
-        "20",
-        "--export_final",
-        "false",
-        "--report_to",
-        "none",
-        "--output_dir",
-        out,
-    ]
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-        PYTHONUNBUFFERED="1",
+        [
+            "--config",
+            "configs/recipes/pipeline_tiny.yaml",
+            "--model_config",
+            model_config,
+            "--num_stages",
+            str(stages),
+            "--gradient_accumulation_steps",
+            str(micro_batches),
+            "--max_steps",
+            str(steps),
+            "--logging_steps",
+            str(steps),
+            "--eval_steps",
+            str(steps),
+            "--max_eval_batches",
+            "1",
+            "--save_steps",
+            "0",
+            "--warmup_steps",
+            "1",
+            "--generated_docs",
+            "400",
+            "--eval_docs",
+            "20",
+            "--export_final",
+            "false",
+            "--report_to",
+            "none",
+            "--output_dir",
+            out,
+        ],
+        "configs/accelerate/deepspeed_cpu_2proc.yaml",
+        deepspeed="configs/deepspeed/zero1.json",
+        num_processes=stages,
     )
+    env = child_env()
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:

@@ -474,3 +474,24 @@ def test_static_freezing_zero3_two_processes_keeps_no_state_for_frozen_weights(t
     assert frozen and trained
     assert all(torch.equal(w1[k], w4[k]) for k in frozen)
     assert all(not torch.equal(w1[k], w4[k]) for k in trained if k.endswith(".weight"))
+
+
+@pytest.mark.slow
+def test_freeze_tiny_adaptive_yaml_freezes_blocks_two_processes(tmp_path):
+    """configs/recipes/freeze_tiny_adaptive.yaml through --config (its adaptive schedule, 10-step intervals, window 2,
+    threshold 0.35, the prefix cache on disk), 2 processes under ZeRO-2, 100 of its 300 steps."""
+    out = str(tmp_path / "adaptive")
+    flags = ["--max_steps", "100", "--eval_steps", "100", "--save_steps", "0", "--report_to", "none"]
+    flags += ["--export_final", "false", "--output_dir", out]
+    run(launch_cmd("recipes/train_lm.py", ["--config", "configs/recipes/freeze_tiny_adaptive.yaml", *flags]))
+    s = summary(out)
+    fz = s["freezing"]
+    assert s["status"] == "completed" and s["world_size"] == 2 and s["zero_stage"] == 2
+    assert fz["schedule"] == "adaptive" and fz["initial_frozen_params"] == 0
+    assert fz["final_frozen_params"] > 0 and s["frozen_params"] == fz["final_frozen_params"] < s["params"]
+    assert fz["events"] and all(20 <= e["step"] < 100 for e in fz["events"])  # never before 20% of the run
+    assert fz["events"][-1]["optimizer_params_after"] < fz["events"][0]["optimizer_params_before"]
+    assert fz["frozen_weights_unchanged"] is True
+    history = fz["grad_norm_history"]
+    assert [h["step"] for h in history] == list(range(10, 101, 10))  # freeze_check_steps: 10
+    assert fz["cache"]["off_reason"] is None and fz["cache"]["entries"] > 0  # the frozen prefix cached on disk

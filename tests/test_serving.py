@@ -148,7 +148,7 @@ def test_models_and_health(server):
 
 # ----------------------------------------------------------------------------- batching
 def _batches_over_one(server) -> int:
-    from dsrecipes.serve.api import parse_metrics
+    from dsrecipes.serve.metrics import parse_metrics
 
     m = parse_metrics(server.client.get("/metrics").text)
     return sum(
@@ -171,22 +171,60 @@ def test_concurrent_requests_are_batched_and_match_unbatched(server):
     assert _batches_over_one(server) > before  # /metrics saw forwards with more than one row
 
 
+def _metric(server, name: str) -> float:
+    from dsrecipes.serve.metrics import parse_metrics
+
+    return parse_metrics(server.client.get("/metrics").text)[name]
+
+
 def test_short_requests_do_not_wait_for_a_long_one(server):
-    done = {}
+    """Continuous batching: short requests sent while a long one decodes join its batch and finish while it still
+    runs. No sleeps and no wall-clock slack: the shorts go out once the long one's stream has delivered tokens and
+    /metrics shows it running; the checks are on completion events and token counts."""
+    chunks, long_done, usage = [], threading.Event(), {}
+    decoding = threading.Event()
 
-    def call(name, prompt, n):
-        server.complete(prompt, max_tokens=n)
-        done[name] = time.perf_counter()
+    def stream_long():
+        body = {"prompt": "ba", "max_tokens": 600, "temperature": 0, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        try:
+            with server.client.stream("POST", "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"]:
+                        chunks.append(chunk["choices"][0])
+                        if len(chunks) >= 4:
+                            decoding.set()
+                    if chunk.get("usage"):
+                        usage.update(chunk["usage"])
+        finally:
+            long_done.set()
+            decoding.set()
 
-    long = threading.Thread(target=call, args=("long", "ba", 500))
+    long = threading.Thread(target=stream_long)
     long.start()
-    time.sleep(0.3)  # the long one is decoding; short ones join its batch at the next step
-    shorts = [threading.Thread(target=call, args=(f"s{i}", p, 4)) for i, p in enumerate(PROMPTS[:3])]
-    for t in shorts:
-        t.start()
-    for t in shorts + [long]:
-        t.join(120)
-    assert all(done[f"s{i}"] < done["long"] for i in range(3)), done
+    assert decoding.wait(120) and not long_done.is_set(), "the long completion did not start streaming"
+    assert _metric(server, "dsrecipes_running_sequences") >= 1  # the server has it in its running batch
+    batched_before = _batches_over_one(server)
+
+    def short(prompt):
+        out = server.complete(prompt, max_tokens=4)
+        return out, len(chunks), long_done.is_set()  # the long one's progress when this short one came back
+
+    with ThreadPoolExecutor(3) as pool:
+        shorts = list(pool.map(short, PROMPTS[:3]))
+    still_running = _metric(server, "dsrecipes_running_sequences")
+    long.join(300)
+    assert not long.is_alive() and usage, "the long completion did not finish"
+    for out, seen, was_done in shorts:
+        assert out["usage"]["completion_tokens"] <= 4 and out["choices"][0]["finish_reason"] in ("length", "stop")
+        assert not was_done and seen < len(chunks), (seen, len(chunks))  # came back while the long one decoded
+    assert still_running >= 1  # server side: the long sequence was still in the batch after every short returned
+    assert usage["completion_tokens"] == 600 and chunks[-1]["finish_reason"] == "length", usage
+    assert len(chunks) - max(seen for _, seen, _ in shorts) > 4, len(chunks)  # it decoded on after the shorts
+    assert _batches_over_one(server) > batched_before  # the shorts shared forwards with the long one
 
 
 # ----------------------------------------------------------------------------- bad input -> 4xx, server stays up
@@ -312,3 +350,51 @@ def test_recipe_prints_one_line_and_exits_2():
     )
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(err) == 1 and "#8577" in err[0] and "Traceback" not in proc.stderr
+
+
+def test_a_server_that_cannot_start_fails_fast_with_its_log(tmp_path):
+    from dsrecipes.launching import LaunchError
+
+    with pytest.raises(LaunchError, match="exited 2") as exc:
+        Server(["--model_name_or_path", "x", "--dtype", "int8", "--engine", "deepspeed"], str(tmp_path / "bad.log"))
+    assert "error: " in str(exc.value) and "#8577" in str(exc.value)  # the recipe's one line, in the failure
+
+
+# ----------------------------------------------------------------------------- shipped configs, launched
+@pytest.mark.slow
+def test_serve_int8_cpu_config_serves_the_dynamic_int8_model(models):
+    """configs/recipes/serve_int8_cpu.yaml as shipped (only the model path given): the server answers, says it
+    quantized, and its greedy text is the in-process torch_int8_dynamic model's, whose Linear layers are int8."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dsrecipes.config.args import RECIPES, parse_args
+    from dsrecipes.serve.engine import Engine, GenParams
+    from dsrecipes.serve.loading import load_lm
+
+    srv = Server(
+        ["--config", "configs/recipes/serve_int8_cpu.yaml", "--model_name_or_path", models.gpt2, "--num_threads", "1"],
+        str(models.root / "int8.log"),
+    )
+    try:
+        outs = [srv.complete(p, max_tokens=12) for p in PROMPTS[:3]]
+        served = [m["id"] for m in srv.client.get("/v1/models").json()["data"]]
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.tail()
+    assert "quantization torch_int8_dynamic" in srv.tail() and len(served) == 1
+    args, _ = parse_args(
+        RECIPES["serve"], ["--config", "configs/recipes/serve_int8_cpu.yaml", "--model_name_or_path", models.gpt2]
+    )
+    model, tok = load_lm(args)
+    int8 = [n for n, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(int8) == 8, int8  # 2 blocks x (attention in + out, MLP in + out); lm_head stays fp32
+    ids = torch.tensor([tok.encode(PROMPTS[3])])
+    fp32 = AutoModelForCausalLM.from_pretrained(models.gpt2).eval()
+    with torch.no_grad():
+        gap = (model(ids).logits - fp32(ids).logits).abs().max().item()
+    assert 0 < gap < 0.5, gap  # int8 rounding: near fp32, not equal to it
+    # one prompt per batch, as the server ran them: dynamic int8 scales activations per tensor (batch mates matter)
+    seqs = [Engine(model, tok, 8).generate([tok.encode(p)], GenParams(12, temperature=0))[0] for p in PROMPTS[:3]]
+    for out, seq in zip(outs, seqs):
+        assert out["choices"][0]["text"] == seq.text and out["usage"]["completion_tokens"] >= 1

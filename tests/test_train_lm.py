@@ -94,7 +94,10 @@ def test_two_processes_split_the_data(tmp_root):
     two = train_curve(train(tmp_root, "zero2", 2))
     assert [d for _, _, d in one] != [d for _, _, d in two]  # rank 0 sees other batches when the data is split
     s1, s2 = summary(_runs[("zero2", 1, ())]), summary(_runs[("zero2", 2, ())])
-    assert s2["tokens_per_s"] > 0 and s1["train_blocks"] == s2["train_blocks"]
+    assert s1["train_blocks"] == s2["train_blocks"]
+    for s, world in ((s1, 1), (s2, 2)):  # every rank's micro-batches counted; the rate is tokens over training time
+        assert s["tokens"] == STEPS * 4 * 128 * world
+        assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["train_time_s"], rel=0.01)
 
 
 # ---------------------------------------------------------------------------- exported model

@@ -1,6 +1,9 @@
-"""The `dsrecipes` command: check (config linter), plan (memory planner), loadgen (serving load generator).
+"""The `dsrecipes` command: check (config linter), compat, plan (memory planner), loadgen (serving load generator).
+
+compat writes docs/compat.md, which techniques combine.
 
     dsrecipes check --accelerate A.yaml --deepspeed D.json --recipe R.yaml
+    dsrecipes compat [--check]
     dsrecipes plan --model configs/models/gpt2_small.json --zero 3 --gpus 8 --gpu A100-80GB
     dsrecipes loadgen --url http://127.0.0.1:8000 --concurrency 1 4 16
 
@@ -17,7 +20,8 @@ from dsrecipes.config.errors import ConfigError, ConfigErrors
 
 COMMANDS = {
     "check": ("dsrecipes.config.check", "lint accelerate/DeepSpeed/recipe configs"),
-    "plan": ("dsrecipes.memory.planner", "predict per-GPU training memory and what makes a run fit"),
+    "compat": ("dsrecipes.config.compat_doc", "write docs/compat.md (which techniques combine) from the rule table"),
+    "plan": ("dsrecipes.memory.planner_cli", "predict per-GPU training memory and what makes a run fit"),
     "loadgen": ("dsrecipes.serve.loadgen", "drive a running dsrecipes server and report latency/throughput"),
 }
 

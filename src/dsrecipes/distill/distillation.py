@@ -3,7 +3,7 @@
     loss, terms = distillation_loss(s_logits, t_logits, labels, temperature=2.0, alpha_kd=0.5, alpha_ce=0.5,
                                     alpha_cos=0.0, s_hidden=None, t_hidden=None)
     student = student_from_teacher(teacher, num_layers=4, init="teacher_layers")   # DistilBERT-style
-    accelerator = make_distill_accelerator(args)        # + a ZeRO-3 "teacher" DeepSpeed plugin when asked
+    accelerator = make_distill_accelerator(args)        # checks that a DeepSpeed teacher engine has a DeepSpeed launch
     teacher = prepare_teacher(teacher, args, accelerator)   # frozen, eval mode, teacher_dtype, chosen engine
 
 Loss (Hinton et al. 2015; DistilBERT's three terms), averaged over the predicted tokens (labels != -100):
@@ -164,25 +164,26 @@ def load_teacher(path: str | None):
 
 
 def teacher_ds_config(args, world_size: int) -> dict:
-    """ZeRO-3 inference config of the teacher's DeepSpeed plugin (no optimizer: nothing of it trains)."""
-    micro = args.per_device_train_batch_size
-    return {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "train_batch_size": micro * args.gradient_accumulation_steps * world_size,
-        "bf16": {"enabled": args.teacher_dtype == "bfloat16"},
-        "fp16": {"enabled": args.teacher_dtype == "float16"},
+    """ZeRO-3 inference config of the teacher's DeepSpeed engine (no optimizer: nothing of it trains). Its "auto"
+    values come from the one filler, dsrecipes.config.deepspeed.fill_auto, with the teacher's dtype as precision."""
+    from dsrecipes.config.deepspeed import fill_auto
+
+    template = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     }
+    precision = {"bfloat16": "bf16", "float16": "fp16"}.get(args.teacher_dtype, "no")
+    return fill_auto(template, args, world_size, precision)
 
 
 def make_distill_accelerator(args):
-    """training.make_accelerator's Accelerator, plus a second DeepSpeed plugin for a ZeRO-3 teacher when
-    teacher_engine is zero3 (accelerate's multiple-model DeepSpeed support, "very experimental", PR #3097)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin, ProjectConfiguration
-
-    from dsrecipes.train.accelerator import fix_cpu_deepspeed_world_size, make_accelerator
+    """training.make_accelerator's Accelerator, after checking that a DeepSpeed teacher engine has a DeepSpeed launch.
+    The ZeRO-3 teacher is not one of the accelerator's models (see prepare_teacher)."""
+    from dsrecipes.train.accelerator import make_accelerator
 
     use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if args.teacher_engine in ("zero3", "inference") and not use_ds:
@@ -192,46 +193,27 @@ def make_distill_accelerator(args):
             f"{args.teacher_engine} needs a DeepSpeed launch",
             "launch with a DeepSpeed accelerate config, or use teacher_engine: plain",
         )
-    if args.teacher_engine != "zero3":
-        return make_accelerator(args, project="distill")
-    fix_cpu_deepspeed_world_size()
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    plugins = {
-        "student": DeepSpeedPlugin(),
-        "teacher": DeepSpeedPlugin(hf_ds_config=teacher_ds_config(args, world), zero_stage=3, zero3_init_flag=False),
-    }
-    return Accelerator(  # the same settings as dsrecipes.train.accelerator.make_accelerator
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        step_scheduler_with_optimizer=False,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "tensorboard")
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        deepspeed_plugins=plugins,
-    )
+    return make_accelerator(args, project="distill")
 
 
 def prepare_teacher(teacher, args, accelerator):
-    """Put the frozen teacher on its engine. Call after the student was prepared (accelerate's backward() follows
-    the first DeepSpeed engine it prepared)."""
+    """Put the frozen teacher on its engine: plain (a copy per process), zero3 (ZeRO-3 inference: the weights
+    partitioned over the processes, gathered layer by layer in forward) or DeepSpeed's init_inference.
+    The ZeRO-3 engine comes from deepspeed.initialize, not accelerator.prepare: a prepared model would be part of
+    every save_state (an engine without an optimizer cannot be checkpointed) and load_state, and accelerate's
+    backward() and get_state_dict must keep following the student's engine. Its weights come from
+    teacher_name_or_path again on a resume."""
     dtype = DTYPES[args.teacher_dtype]
     if args.teacher_engine == "plain":
         return teacher.to(device=accelerator.device, dtype=dtype)
-    if args.teacher_engine == "inference":
-        import deepspeed
+    import deepspeed
 
+    if args.teacher_engine == "inference":
         return deepspeed.init_inference(teacher, dtype=dtype, replace_with_kernel_inject=False)
-    accelerator.state.select_deepspeed_plugin("teacher")
-    try:
-        engine = accelerator.prepare(teacher)
-    finally:
-        accelerator.state.select_deepspeed_plugin("student")
-        # accelerate 1.15 keeps the config of the engine it prepared last in accelerator.deepspeed_config and reads
-        # the ZeRO stage from it in get_state_dict: point it back at the student's, or saving the student fails.
-        accelerator.deepspeed_config = accelerator.state.get_deepspeed_plugin("student").deepspeed_config
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds_config(args, world))
     engine.eval()
     return engine
 

@@ -194,13 +194,15 @@ def _resumed_state(args) -> dict:
 class Freezer:
     """Everything freezing does for one run; recipes call the constructor and after_step only."""
 
-    def __init__(self, model, args, accelerator):
+    def __init__(self, model, args, accelerator, resumed: dict | None = None):
+        """resumed: the freezer state of the checkpoint this run resumes (dsrecipes.train.loop.Session gives it per
+        phase); None reads it from args.resume_from."""
         from dsrecipes.freezing.rebuild import check_rebuild_supported
         from dsrecipes.train.accelerator import zero_stage
 
         self.args, self.acc, self.events = args, accelerator, []
         self.schedule = args.freeze_schedule
-        resumed = _resumed_state(args)
+        resumed = _resumed_state(args) if resumed is None else resumed
         if args.freeze_untie_head and (args.freeze_embeddings or resumed.get("frozen_units", 0)):
             untie_output_head(model)  # before the optimizer exists: nothing to carry over
         apply_static_freezing(model, args)

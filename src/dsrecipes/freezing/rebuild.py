@@ -15,57 +15,22 @@ the rebuild is carried over exactly:
 - the LR schedule position, and accelerate's registered dataloaders (their sampler state goes into checkpoints).
 Supported: no DeepSpeed (1 process or DDP), ZeRO 1 and 2, and ZeRO 0 in fp32, with optimizer adamw. ZeRO-3,
 ZeRO-Offload and ZeRO-0 with bf16/fp16 (its FP16_UnfusedOptimizer keeps fp32 copies outside `_hp_mapping`) are
-refused by `check_rebuild_supported` (static freezing, decided before the engine is built, works everywhere).
+refused by `check_rebuild_supported`, which asks the rule table (dsrecipes.config.rules); static freezing,
+decided before the engine is built, works everywhere.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dsrecipes.config.errors import ConfigError
-
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def check_rebuild_supported(accelerator, args, where: str = "<args>") -> None:
-    from dsrecipes.train.accelerator import deepspeed_config, zero_stage
+    """Raise the rule table's refusal (dsrecipes.config.rules, component "rebuild") for this run's settings."""
+    from dsrecipes.config import rules
 
-    stage = zero_stage(accelerator)
-    if stage is None:
-        return
-    cfg = deepspeed_config(accelerator) or {}
-    offload = (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
-    if stage == 3:
-        raise ConfigError(
-            where,
-            "freeze_schedule",
-            "progressive freezing needs an engine rebuild at each freeze point, which is supported for ZeRO 0-2 only",
-            "use ZeRO 0, 1 or 2, or static freezing with ZeRO-3",
-        )
-    if offload not in ("none", None):
-        raise ConfigError(
-            where,
-            "freeze_schedule",
-            "progressive freezing is not supported with ZeRO-Offload (DeepSpeedCPUAdam state is not carried over)",
-            "use a config without offload_optimizer",
-        )
-    low = [k for k in ("bf16", "fp16") if (cfg.get(k) or {}).get("enabled") is True or accelerator.mixed_precision == k]
-    if stage == 0 and low:
-        raise ConfigError(
-            where,
-            "freeze_schedule",
-            f"progressive freezing with ZeRO-0 and {low[0]} is not supported: "
-            "DeepSpeed's stage-0 mixed-precision optimizer keeps fp32 copies whose Adam state cannot be "
-            "carried over",
-            f"use ZeRO-1 or 2 with {low[0]}, or ZeRO-0 in fp32",
-        )
-    if args.optimizer != "adamw":
-        raise ConfigError(
-            where,
-            "freeze_schedule",
-            f"progressive freezing under DeepSpeed carries AdamW state only, not {args.optimizer}",
-            "use optimizer: adamw",
-        )
+    rules.raise_first(rules.settings_for_run(accelerator, args), where, component="rebuild")
 
 
 def _base_optimizer(model, optimizer):
@@ -77,21 +42,11 @@ def _base_optimizer(model, optimizer):
 
 
 def _full(p, flat_state, key):
-    """One parameter's full fp32 tensor (key None: master weight) assembled from the ZeRO partitions.
+    """One parameter's full fp32 tensor (key None: master weight) assembled from the ZeRO partitions: DeepSpeed's
+    safe_get_full_optimizer_state fails outside the first param group (dsrecipes.compat.zero_full_fp32)."""
+    from dsrecipes.compat import zero_full_fp32
 
-    Same as deepspeed.utils.safe_get_full_optimizer_state, which in 0.19.8 fails for parameters outside the first
-    param group: ZeRO links the per-parameter state views after the first group's step, before the other groups
-    have state, and never re-links. Reading the flat state at `_hp_mapping`'s addresses has no such problem."""
-    import torch.distributed as dist
-
-    buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-    m = p._hp_mapping
-    if m is not None:
-        lo, hi = m.lp_fragment_address, m.hp_fragment_address
-        src = m.hp_fragment.flatten() if key is None else flat_state(m)[key].narrow(0, hi.start, hi.numel)
-        buf.narrow(0, lo.start, lo.numel).copy_(src)
-    dist.all_reduce(buf, group=p._dp_group)
-    return buf.view(p.shape)
+    return zero_full_fp32(p, flat_state, key)
 
 
 def _gather(model, optimizer, params: dict[str, torch.nn.Parameter]) -> dict:
@@ -153,7 +108,9 @@ def _continue_schedule(scheduler, last_epoch: int) -> None:
     lrs = [base * lam(last_epoch) for base, lam in zip(inner.base_lrs, inner.lr_lambdas)]
     for group, lr in zip(inner.optimizer.param_groups, lrs):
         group["lr"] = lr
-    inner._last_lr = lrs
+    from dsrecipes.compat import set_scheduler_last_lr
+
+    set_scheduler_last_lr(inner, lrs)
 
 
 def rebuild_after_freezing(accelerator, model, optimizer, scheduler, args, change):
@@ -170,10 +127,12 @@ def rebuild_after_freezing(accelerator, model, optimizer, scheduler, args, chang
             saved["params"][new] = {k: v.clone() if torch.is_tensor(v) else v for k, v in saved["params"][old].items()}
     keep = {n: p for n, p in raw.named_parameters() if p.requires_grad}
     last_epoch = getattr(scheduler, "scheduler", scheduler).last_epoch
-    dataloaders = list(accelerator._dataloaders)  # free_memory forgets them; checkpoints need their samplers
+    from dsrecipes.compat import accelerator_dataloaders
+
+    dataloaders = list(accelerator_dataloaders(accelerator))  # free_memory forgets them; checkpoints need them
     del model, optimizer, scheduler
     accelerator.free_memory()  # DeepSpeed: engine.destroy() removes ZeRO's grad hooks and buffers
-    accelerator._dataloaders.extend(dataloaders)
+    accelerator_dataloaders(accelerator).extend(dataloaders)
     new_opt = build_optimizer(raw, args)
     new_sched = make_scheduler(new_opt, args)
     model, optimizer, scheduler = accelerator.prepare(raw, new_opt, new_sched)

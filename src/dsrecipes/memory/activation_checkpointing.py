@@ -70,9 +70,10 @@ def apply_activation_checkpointing(model, args, accelerator=None, ds_config: dic
         return {**info, "reentrant": reentrant, "every_k": k, "segments": math.ceil(len(blocks) / k)}
     if mode == "deepspeed":
         section = configure_deepspeed_checkpointing(args, accelerator, ds_config, n_blocks=len(blocks))
+        from dsrecipes.compat import set_gradient_checkpointing_func
+
         for block in blocks:  # HF's GradientCheckpointingLayer calls this function around the block's forward
-            block.gradient_checkpointing = True
-            block._gradient_checkpointing_func = _deepspeed_checkpoint
+            set_gradient_checkpointing_func(block, _deepspeed_checkpoint)
         model.enable_input_require_grads()  # DeepSpeed's checkpoint is reentrant
         return {**info, "deepspeed": section, "checkpointed_blocks": len(blocks)}
     raise ConfigError(
@@ -153,13 +154,12 @@ def configure_deepspeed_checkpointing(args, accelerator=None, ds_config=None, n_
     on_cpu = (
         accelerator.device.type if accelerator is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     ) == "cpu"
-    if on_cpu and section.get("cpu_checkpointing"):
-        raise ConfigError(
-            "<deepspeed>",
-            "activation_checkpointing.cpu_checkpointing",
-            "breaks on the CPU accelerator (tensors are already on the CPU; backward fails)",
-            "set it to false on CPU runs",
-        )
+    from dsrecipes.config import rules
+
+    settings = rules.Settings(
+        device="cpu" if on_cpu else "gpu", cpu_checkpointing=bool(section.get("cpu_checkpointing"))
+    )
+    rules.raise_first(settings, "<deepspeed>", component="activation_checkpointing")
     if section.get("contiguous_memory_optimization"):
         if not section.get("partition_activations"):
             raise ConfigError(
@@ -176,11 +176,10 @@ def configure_deepspeed_checkpointing(args, accelerator=None, ds_config=None, n_
                 f"set it to {n_blocks}",
             )
     # A config of its own: accelerate fills the JSON's "auto" values only later, at prepare().
-    cfg = {
-        "train_micro_batch_size_per_gpu": int(args.per_device_train_batch_size),
-        "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
-        "activation_checkpointing": section,
-    }
+    from dsrecipes.config.deepspeed import fill_auto
+
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    cfg = fill_auto(cfg, args, 1, None, keys=set(cfg)) | {"activation_checkpointing": section}
     deepspeed.checkpointing.configure(mpu_=None, deepspeed_config=cfg)
     return deepspeed_checkpointing_state()
 

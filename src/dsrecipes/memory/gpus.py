@@ -3,6 +3,7 @@
 
     from dsrecipes.memory.gpus import GPUS, fits, step_cost
     fits(total_bytes, "A100-40GB")      # {"gpu", "memory", "usable", "headroom", "fits"}
+    gpu_bf16_tflops("NVIDIA H200")      # 989.0: dense bf16 peak by torch.cuda.get_device_name(), for MFU
 
 Used by `dsrecipes plan` (run: dsrecipes plan --model M --gpu A100-40GB [--fit]); the cost model is explained in
 docs/planner.md.
@@ -36,6 +37,31 @@ GPUS = {
     "H200-141GB": 141,
     "B200-180GB": 180,
 }
+# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s per GPU, the MFU denominator (dsrecipes.train.throughput).
+# Vendor datasheets; GeForce/RTX figures with FP32 accumulate. None: no bf16 tensor cores (pre-Ampere) or no
+# published figure (A10G). H100-80GB is the SXM part (PCIe: 756); H100-94GB is the NVL part.
+BF16_TFLOPS = {
+    "K80": None,
+    "P100-16GB": None,
+    "GTX-1080Ti": None,
+    "RTX-2080Ti": None,
+    "T4": None,
+    "V100-16GB": None,
+    "V100-32GB": None,
+    "RTX-3090": 71.0,
+    "RTX-4090": 165.2,
+    "A10": 125.0,
+    "A10G": None,
+    "L4": 121.0,
+    "RTX-A6000": 154.8,
+    "L40S": 362.1,
+    "A100-40GB": 312.0,
+    "A100-80GB": 312.0,
+    "H100-80GB": 989.0,
+    "H100-94GB": 835.0,
+    "H200-141GB": 989.0,
+    "B200-180GB": 2250.0,
+}
 DEFAULT_HEADROOM = 0.10  # CUDA context (~0.3-0.5 GiB), NCCL buffers, allocator fragmentation
 # --fit's step-time model: multiplicative factors on a ZeRO-0/1/2, no-recompute, AdamW step (docs/planner.md).
 COST = {
@@ -59,6 +85,27 @@ def gpu_memory(name):
     if key is None:
         raise ConfigError("<cli>", "--gpu", f"unknown or ambiguous GPU {name!r}", f"use one of {', '.join(GPUS)}")
     return key, GPUS[key]
+
+
+def _squash(text) -> str:
+    return "".join(c for c in str(text).lower() if c.isalnum())
+
+
+def gpu_bf16_tflops(device_name: str) -> float | None:
+    """Dense bf16 TFLOP/s of a GPU named as torch.cuda.get_device_name() names it ("NVIDIA A100-SXM4-80GB",
+    "NVIDIA GeForce RTX 4090"): the longest table family (A100, RTX4090, L40S, ...) in the name, the memory size
+    picking among that family's rows. None for a GPU the table does not know or has no bf16 figure for."""
+    name = _squash(device_name)
+    families: dict[str, list[str]] = {}
+    for key in GPUS:
+        family = key.rsplit("-", 1)[0] if key.endswith("GB") else key
+        families.setdefault(_squash(family), []).append(key)
+    hits = sorted((f for f in families if f in name), key=len, reverse=True)
+    if not hits:
+        return None
+    rows = families[hits[0]]
+    key = next((k for k in rows if f"{GPUS[k]}gb" in name), rows[0])
+    return BF16_TFLOPS[key]
 
 
 def fits(total, gpu, headroom=DEFAULT_HEADROOM):

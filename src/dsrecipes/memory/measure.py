@@ -68,7 +68,7 @@ class SavedActivations:
 def _storages(t) -> list:
     """(data_ptr, nbytes) of the storages behind a tensor; quantized tensor subclasses (torchao's 8/4-bit optimizer
     states) are flattened to their inner tensors, whose storages are the real memory."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    from dsrecipes.compat import is_traceable_wrapper_subclass
 
     if not isinstance(t, torch.Tensor) or t.numel() == 0:
         return []

@@ -5,9 +5,10 @@
     dsrecipes plan --layers 32 --hidden 4096 --heads 32 --params 7e9 --fit --gpu A100-80GB --gpus 8 --json
     plan = plan_memory(load_model_spec("configs/models/tiny_gpt2.json", vocab=257), zero_stage=2, gpus_per_node=2)
 
-Prints the per-rank breakdown in bytes (parameters, gradients, optimizer states, activations, buffers, total, plus
-what offload puts in CPU memory) and whether it fits a GPU of dsrecipes.memory.gpus.GPUS; --json prints the same dict;
---fit searches ZeRO stage x offload x checkpointing x optimizer and ranks what fits by a step-time model (gpus.COST).
+`dsrecipes plan` (dsrecipes.memory.planner_cli) prints the per-rank breakdown in bytes (parameters, gradients,
+optimizer states, activations, buffers, total, plus what offload puts in CPU memory) and whether it fits a GPU of
+dsrecipes.memory.gpus.GPUS; --json prints the same dict; --fit searches ZeRO stage x offload x checkpointing x
+optimizer and ranks what fits by a step-time model (gpus.COST). Model specs: dsrecipes.memory.model_spec.
 Model states follow the ZeRO paper (Rajbhandari et al. 2020); activations follow Korthikanti et al. 2022, term by
 term as HF GPT-2 saves them (calibrated with saved-tensor hooks). Derivations, calibration, the cost model and where
 DeepSpeed's own estimators differ: docs/planner.md.
@@ -15,13 +16,16 @@ DeepSpeed's own estimators differ: docs/planner.md.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 
-from dsrecipes.config.errors import ConfigError
 from dsrecipes.memory.gpus import COST, DEFAULT_HEADROOM, GPUS, GiB, fits, gpu_memory, step_cost  # noqa: F401 (re-exported)
+from dsrecipes.memory.model_spec import (  # noqa: F401 (re-exported: the planner's API takes and makes specs)
+    ModelSpec,
+    _bad,
+    _positive,
+    load_model_spec,
+    spec_from_config,
+)
 
 # Optimizer state bytes per trainable parameter, master weights excluded: (quantized bytes, block size, min numel).
 # 8/4-bit: two states, one fp32 scale per block per state; smaller tensors keep fp32 states (8 B).
@@ -38,148 +42,6 @@ OPTIMIZERS = {
 }
 LOW_BIT = {"adamw_8bit", "paged_adamw_8bit", "torchao_adamw_8bit", "torchao_adamw_4bit"}
 CHECKPOINTING = ("none", "full", "every_k", "deepspeed")
-
-
-@dataclasses.dataclass
-class ModelSpec:
-    """What the planner needs to know about a model; numels (one per parameter tensor) make 8/4-bit and ZeRO-3
-    persistence exact when the model could be built on the meta device."""
-
-    name: str
-    params: int
-    layers: int
-    hidden: int
-    heads: int
-    vocab: int
-    ffn: int
-    positions: int | None = None
-    activation: str = "gelu_new"
-    attn_dropout: bool = True
-    resid_dropout: bool = True
-    embd_dropout: bool = True
-    attention: str = "sdpa"
-    largest_layer: int = 0
-    numels: tuple = ()
-    exact: bool = False
-
-
-def _bad(key, problem, fix, where="<cli>"):
-    return ConfigError(where, key, problem, fix)
-
-
-def _positive(key, value, allow_zero=False):
-    if value is None or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
-        raise _bad(key, f"{value!r} must be a {'non-negative' if allow_zero else 'positive'} number", f"give {key} > 0")
-    return value
-
-
-def _gpt2_numels(layers, hidden, ffn, vocab, positions):
-    h, f = hidden, ffn
-    block = (h, h, 3 * h * h, 3 * h, h * h, h, h, h, h * f, f, f * h, h)
-    return (vocab * h, (positions or 1024) * h) + block * layers + (h, h)
-
-
-def load_model_spec(source=None, *, params=None, layers=None, hidden=None, heads=None, vocab=None, ffn=None):
-    """A ModelSpec from a config.json file, a local model directory, a hub name, or explicit shape numbers."""
-    if source is None:
-        for key, value in (("--layers", layers), ("--hidden", hidden), ("--heads", heads)):
-            _positive(key, value)
-        vocab = int(_positive("--vocab", vocab if vocab is not None else 50257))
-        ffn = int(_positive("--ffn", ffn if ffn is not None else 4 * hidden))
-        if hidden % heads:
-            raise _bad("--heads", f"hidden {hidden} is not divisible by {heads} heads", "give a divisor of --hidden")
-        numels = _gpt2_numels(int(layers), int(hidden), ffn, vocab, None)
-        count = int(_positive("--params", params)) if params is not None else sum(numels)
-        return ModelSpec(
-            "explicit",
-            count,
-            int(layers),
-            int(hidden),
-            int(heads),
-            vocab,
-            ffn,
-            None,
-            largest_layer=max(numels),
-            numels=numels,
-            exact=params is None,
-        )
-    return spec_from_config(_load_config(source), source, vocab)
-
-
-def _load_config(source):
-    from transformers import AutoConfig
-
-    from dsrecipes.train.models import load_model_config
-
-    if os.path.isfile(source):
-        return load_model_config(source)
-    if source.endswith(".json") or source.startswith((".", "/", "~")) and not os.path.isdir(source):
-        raise _bad("--model", f"file not found: {source!r}", "give a config.json file, a model directory or a hub name")
-    try:
-        return AutoConfig.from_pretrained(source)
-    except Exception as exc:  # noqa: BLE001 - offline hub, bad directory, unknown name: all one-line errors
-        fix = (
-            "the directory needs a config.json"
-            if os.path.isdir(source)
-            else "give a config.json file or a local model directory (the hub needs a network and HF_HUB_OFFLINE=0)"
-        )
-        raise _bad(
-            "--model",
-            f"cannot read a model config from {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:90]})",
-            fix,
-        ) from None
-
-
-def spec_from_config(config, name, vocab):
-    def first(*keys, default=None):
-        return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), default)
-
-    if vocab is not None:
-        config.vocab_size = int(_positive("--vocab", vocab))
-    hidden, layers, heads = (
-        first("hidden_size", "n_embd"),
-        first("num_hidden_layers", "n_layer"),
-        first("num_attention_heads", "n_head"),
-    )
-    if not (hidden and layers and heads):
-        raise _bad(
-            "--model",
-            f"{name}: no hidden size / layer count / head count in the config",
-            "use a transformer config (GPT-2, Llama, BERT ...) or give --layers --hidden --heads",
-        )
-    ffn = first("n_inner", "intermediate_size", "ffn_dim", default=4 * hidden)
-    spec = ModelSpec(
-        name,
-        0,
-        layers,
-        hidden,
-        heads,
-        config.vocab_size,
-        ffn,
-        first("n_positions", "max_position_embeddings"),
-        activation=first("activation_function", "hidden_act", default="gelu"),
-        attn_dropout=first("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob", default=0) > 0,
-        resid_dropout=first("resid_pdrop", "hidden_dropout", "hidden_dropout_prob", default=0) > 0,
-        embd_dropout=first("embd_pdrop", "hidden_dropout", "hidden_dropout_prob", default=0) > 0,
-        attention=getattr(config, "_attn_implementation", None) or "sdpa",
-    )
-    try:  # exact count: build the model on the meta device (no memory, no weights)
-        import torch
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        with torch.device("meta"):
-            try:
-                model = AutoModelForCausalLM.from_config(config)
-            except ValueError:
-                model = AutoModel.from_config(config)
-        spec.numels = tuple(p.numel() for p in model.parameters())  # shared (tied) weights once
-        spec.largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-        spec.exact = True
-    except Exception:  # noqa: BLE001 - unknown architecture: GPT-2-shaped estimate, flagged exact=False
-        spec.numels = _gpt2_numels(layers, hidden, ffn, config.vocab_size, spec.positions)
-        spec.largest_layer = max(spec.numels)
-    spec.params = sum(spec.numels)
-    return spec
 
 
 def _state_bytes_per_param(spec, optimizer):
@@ -463,136 +325,3 @@ def deepspeed_estimate(
         )
         return {"gpu": gpu, "cpu": cpu}
     return None
-
-
-# ---- CLI -------------------------------------------------------------------------------------------------------
-def add_arguments(parser):
-    m = parser.add_argument_group("model (a config/dir/hub name, or explicit numbers)")
-    m.add_argument("--model", help="config.json file, local model directory or hub name")
-    for flag, kind in (
-        ("--params", float),
-        ("--layers", int),
-        ("--hidden", int),
-        ("--heads", int),
-        ("--vocab", int),
-        ("--ffn", int),
-    ):
-        m.add_argument(
-            flag,
-            type=kind,
-            help="vocab defaults to the config's, else 50257 (byte tokenizer: 257)" if flag == "--vocab" else None,
-        )
-    parser.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3")
-    parser.add_argument("--offload-optimizer", action="store_true")
-    parser.add_argument("--offload-param", action="store_true")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs per node")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, help="default: the model's positions, at most 1024")
-    parser.add_argument("--precision", default="bf16", help="fp32 | bf16 | fp16")
-    parser.add_argument("--checkpointing", default="none", help=" | ".join(CHECKPOINTING))
-    parser.add_argument("--every-k", type=int, help="every_k segment length (default round(sqrt(layers)))")
-    parser.add_argument("--optimizer", default="adamw", help=" | ".join(OPTIMIZERS))
-    parser.add_argument("--frozen-fraction", type=float, default=0.0)
-    parser.add_argument("--pipeline-stages", type=int, default=1)
-    parser.add_argument("--device", default="cuda", help="cuda | cpu (CPU runs keep float dropout masks)")
-    parser.add_argument("--attention", choices=["sdpa", "eager"], help="default: the model config's")
-    parser.add_argument("--gpu", help=f"GPU to fit: {', '.join(GPUS)}")
-    parser.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, help="fraction kept free (default 0.1)")
-    parser.add_argument("--fit", action="store_true", help="search setups that fit --gpu, fastest first")
-    parser.add_argument("--deepspeed", action="store_true", help="also show DeepSpeed's own estimate (ZeRO 2/3)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def _fmt(n):
-    return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 2**20:9.1f} MiB"
-
-
-def run(ns) -> int:
-    explicit = [ns.params, ns.layers, ns.hidden, ns.heads, ns.ffn]
-    if (ns.model is None) == all(v is None for v in explicit):
-        raise _bad("--model", "give a model in exactly one way", "--model FILE|DIR|NAME, or --layers --hidden --heads")
-    spec = load_model_spec(
-        ns.model, params=ns.params, layers=ns.layers, hidden=ns.hidden, heads=ns.heads, vocab=ns.vocab, ffn=ns.ffn
-    )
-    kw = dict(
-        gpus_per_node=ns.gpus,
-        nodes=ns.nodes,
-        micro_batch=ns.micro_batch,
-        seq_len=ns.seq_len,
-        precision=ns.precision,
-        every_k=ns.every_k,
-        frozen_fraction=ns.frozen_fraction,
-        pipeline_stages=ns.pipeline_stages,
-        device=ns.device,
-        attention=ns.attention,
-    )
-    if ns.fit:
-        if not ns.gpu:
-            raise _bad("--gpu", "--fit needs a GPU to fit", f"give --gpu, one of {', '.join(GPUS)}")
-        rows = fit_search(spec, ns.gpu, ns.headroom, **kw)
-        if ns.json:
-            print(
-                json.dumps(
-                    {"model": spec.name, "params": spec.params, "gpu": gpu_memory(ns.gpu)[0], "fits": rows}, indent=2
-                )
-            )
-        else:
-            print(
-                f"{spec.name}: {spec.params:,} params on {ns.nodes}x{ns.gpus} {gpu_memory(ns.gpu)[0]}; "
-                f"{len(rows)} setup(s) fit (headroom {ns.headroom:.0%}), fastest first:"
-            )
-            print(
-                f"  {'ZeRO':>4} {'offload':<15} {'checkpointing':<13} {'optimizer':<18} {'per GPU':>13} "
-                f"{'CPU/node':>13} {'time':>5}"
-            )
-            for r in rows:
-                off = "opt+param" if r["offload_param"] else "optimizer" if r["offload_optimizer"] else "none"
-                print(
-                    f"  {r['zero_stage']:>4} {off:<15} {r['checkpointing']:<13} {r['optimizer']:<18} "
-                    f"{_fmt(r['total'])} {_fmt(r['cpu_offload_per_node'])} {r['relative_step_time']:5.2f}"
-                )
-        return 0 if rows else 1
-    plan = plan_memory(
-        spec,
-        zero_stage=ns.zero,
-        offload_optimizer=ns.offload_optimizer,
-        offload_param=ns.offload_param,
-        checkpointing=ns.checkpointing,
-        optimizer=ns.optimizer,
-        gpu=ns.gpu,
-        headroom=ns.headroom,
-        **kw,
-    )
-    if ns.deepspeed:
-        plan["deepspeed_estimate"] = deepspeed_estimate(
-            spec, ns.zero, ns.gpus, ns.nodes, ns.offload_optimizer, ns.offload_param
-        )
-    if ns.json:
-        print(json.dumps(plan, indent=2))
-        return 0
-    i = plan["inputs"]
-    print(
-        f"model: {spec.name}: {spec.params:,} params{'' if spec.exact else ' (estimated)'}, {spec.layers} layers, "
-        f"h={spec.hidden}, {spec.heads} heads, vocab {spec.vocab}"
-    )
-    print(
-        f"setup: ZeRO-{i['zero_stage']}{' +offload optimizer' if i['offload_optimizer'] else ''}"
-        f"{' +offload params' if i['offload_param'] else ''}, {ns.nodes}x{ns.gpus} GPUs, {i['precision']}, "
-        f"micro-batch {i['micro_batch']} x {i['seq_len']} tokens, checkpointing {i['checkpointing']}, "
-        f"{i['optimizer']}, frozen {i['frozen_fraction']:.0%}, pipeline stages {i['pipeline_stages']}"
-    )
-    for key in ("parameters", "gradients", "optimizer_states", "activations", "buffers", "total"):
-        print(f"  {key.replace('_', ' '):<18} {_fmt(plan[key])}")
-    if plan["cpu_offload_per_node"]:
-        print(f"  {'CPU per node':<18} {_fmt(plan['cpu_offload_per_node'])}  (offloaded states)")
-    if plan.get("deepspeed_estimate"):
-        d = plan["deepspeed_estimate"]
-        print(f"  DeepSpeed's estimator (model states only): GPU {_fmt(d['gpu'])}, CPU {_fmt(d['cpu'])}")
-    if plan["fit"]:
-        f = plan["fit"]
-        print(
-            f"fits {f['gpu']} ({f['memory'] / GiB:.0f} GiB, {_fmt(f['usable']).strip()} usable with "
-            f"{f['headroom']:.0%} headroom): {'yes' if f['fits'] else 'NO'}"
-        )
-    return 0

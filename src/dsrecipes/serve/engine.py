@@ -7,7 +7,7 @@ leave between forwards, sampling, stop strings and incremental text.
     seqs = engine.generate(prompts, params)   # offline helper
 
 Tensor parallel: rank 0 wraps its KVBatch in Replicated (broadcasts each call); other ranks run follow(kv).
-Used by dsrecipes.serve.api.Batcher (recipes/serve.py) and benchmarks/bench_serve.py.
+Used by dsrecipes.serve.batcher.Batcher (recipes/serve.py) and benchmarks/bench_serve.py.
 """
 
 from __future__ import annotations

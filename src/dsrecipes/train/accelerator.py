@@ -13,32 +13,29 @@ import os
 
 import torch
 
+from dsrecipes import compat
+from dsrecipes.config.errors import ConfigError
+
 
 def fix_cpu_deepspeed_world_size() -> None:
-    """accelerate 1.15 leaves num_processes=1 for DeepSpeed on a machine without GPUs (DeepSpeed's cpu
-    accelerator), although DeepSpeed initialised a world of N ranks: every rank would then read the whole
-    dataset and reductions would be skipped. Tell accelerate's shared state the real world."""
-    import torch.distributed as dist
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, parse_flag_from_env
+    """accelerate leaves num_processes=1 for DeepSpeed on its cpu accelerator: dsrecipes.compat has the fix."""
+    from dsrecipes.compat import fix_cpu_deepspeed_world_size as fix
 
-    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        return  # touching PartialState() here would fix plain torchrun + ACCELERATE_USE_CPU at one process
-    state = PartialState()
-    if (
-        state.distributed_type == DistributedType.DEEPSPEED
-        and dist.is_initialized()
-        and state.num_processes != dist.get_world_size()
-    ):
-        state.num_processes = dist.get_world_size()
-        state.process_index = dist.get_rank()
-        state.local_process_index = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    fix()
 
 
 def make_accelerator(args, project: str):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    if compat.multi_cpu_launched_alone():
+        raise ConfigError(
+            "<accelerate launch>",
+            "distributed_type",
+            "MULTI_CPU with num_processes > 1 started ONE process (accelerate launch needs --mpirun_hostfile for it)",
+            "run plain DDP on CPU as `ACCELERATE_USE_CPU=true torchrun --nproc_per_node N recipes/...`, or use "
+            "configs/accelerate/deepspeed_cpu_2proc.yaml",
+        )
     fix_cpu_deepspeed_world_size()
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -62,13 +59,27 @@ def zero_stage(accelerator) -> int | None:
     return None if cfg is None else int(cfg.get("zero_optimization", {}).get("stage", 0))
 
 
+def run_facts(accelerator, args, model) -> dict:
+    """The setup facts every training summary.json carries."""
+    from dsrecipes.train.models import count_parameters
+
+    return {
+        "world_size": accelerator.num_processes,
+        "zero_stage": zero_stage(accelerator),
+        "mixed_precision": accelerator.mixed_precision,
+        "optimizer": args.optimizer,
+        "params": count_parameters(accelerator.unwrap_model(model)),
+    }
+
+
 def fill_deepspeed_from_recipe(accelerator, args) -> None:
-    """Values the recipe owns, written where the DeepSpeed JSON says "auto" (accelerate would use its defaults)."""
+    """Values the recipe owns, written where the DeepSpeed JSON says "auto" (accelerate fills the rest at prepare();
+    both go through dsrecipes.config.deepspeed, the one place "auto" values are known)."""
+    from dsrecipes.config.deepspeed import RECIPE_OWNED, fill_auto
+
     cfg = deepspeed_config(accelerator)
-    if cfg is None:
-        return
-    if cfg.get("gradient_clipping") == "auto":
-        cfg["gradient_clipping"] = float(args.max_grad_norm)
+    if cfg is not None:
+        fill_auto(cfg, args, accelerator.num_processes, accelerator.mixed_precision, keys=RECIPE_OWNED)
 
 
 def make_dataloaders(train_ds, eval_ds, args):

@@ -3,6 +3,7 @@
     ckpt = Checkpoints(accelerator, output_dir, keep_last=2)
     path = ckpt.resolve(args.resume_from)            # 'latest' | a path | None
     state = ckpt.load(path)                          # accelerator.load_state + trainer_state.json
+    state = ckpt.read_state(path)                    # trainer_state.json only (before anything is prepared)
     ckpt.save(step, {"step": step, ...})             # save_state into .tmp-*, then an atomic rename
     stop = StopFlag(); stop.requested(accelerator)   # SIGUSR1/SIGTERM seen on any rank?
     export_final(accelerator, model, tokenizer, out) # consolidated (ZeRO-3 too) HF directory, atomically
@@ -114,6 +115,11 @@ class Checkpoints:
 
     def load(self, path: str) -> dict:
         self.acc.load_state(path)
+        return self.read_state(path)
+
+    @staticmethod
+    def read_state(path: str) -> dict:
+        """trainer_state.json of a checkpoint, without loading its model/optimizer states."""
         with open(os.path.join(path, STATE_FILE)) as fh:
             return json.load(fh)
 

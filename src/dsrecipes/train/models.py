@@ -59,14 +59,10 @@ def zero3_init_scope(accelerator):
     if plugin is None or plugin.zero3_init_flag:
         yield
         return
-    from transformers.integrations import deepspeed as hf_ds
+    from dsrecipes.compat import without_hf_deepspeed_config
 
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    try:
+    with without_hf_deepspeed_config():
         yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def build_causal_lm(model_args, tokenizer=None, config_overrides: dict | None = None, accelerator=None):
