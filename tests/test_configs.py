@@ -27,7 +27,7 @@ GPU_TEMPLATES = {
     "configs/accelerate/multi_node.yaml": "2 machines at addresses to EDIT; the SLURM tests launch train_lm on 2 nodes "
     "with the CPU YAML instead",
     "configs/deepspeed/zero3_actckpt_gpu.json": "cpu_checkpointing: true breaks on the CPU accelerator (refused there, "
-    "test_memory.py::test_recipe_refuses_cpu_checkpointing_on_cpu); its knobs are applied in "
+    "test_memory_recipes.py::test_recipe_refuses_cpu_checkpointing_on_cpu); its knobs are applied in "
     "test_memory.py::test_every_deepspeed_knob_reaches_deepspeed",
     "configs/recipes/serve_gpu_bf16.yaml": "kernel_inject: true needs DeepSpeed's fused CUDA kernels",
     "configs/recipes/train_gpt2_small_zero2.yaml": "GPT-2 small on WikiText-103 with the hub GPT-2 tokenizer: "
@@ -36,7 +36,7 @@ GPU_TEMPLATES = {
     "configs/recipes/distill_gpt2_medium_24to12.yaml": "the hub GPT-2 medium weights and WikiText-103: network and "
     "8 GPUs",
     "configs/recipes/train_tiny_fp16.yaml": "fp16 with dynamic loss scaling needs a GPU; "
-    "test_memory.py::test_fp16_with_loss_scaling_on_gpu launches it where there is one (skipped on CPU)",
+    "test_memory_recipes.py::test_fp16_with_loss_scaling_on_gpu launches it where there is one (skipped on CPU)",
     "configs/recipes/finetune_gpt2_small_freeze_cubic.yaml": "the hub GPT-2 weights and WikiText-2: network and 8 GPUs",
 }
 

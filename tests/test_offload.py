@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, summary, train_curve
 from dsrecipes.config import check
-from test_memory import STEPS, train
+from test_memory_recipes import STEPS, train
 
 
 # ---------------------------------------------------------------------------- ZeRO-3 offload to CPU and to NVMe
@@ -128,7 +128,7 @@ def test_nvme_offload_problems_are_one_line_errors(tmp_path):
 def test_accelerate_launch_of_cpu_2proc_yaml_is_refused_not_run_alone(tmp_path):
     """accelerate 1.15 starts a MULTI_CPU config without --mpirun_hostfile as ONE process (its simple launcher): the
     recipe says so in one line instead of training alone with world size 1. Plain DDP on 2 CPU processes runs through
-    torchrun (tests/test_memory.py::test_recipe_full_reentrant_bf16_8bit_plain_ddp_2proc)."""
+    torchrun (tests/test_memory_recipes.py::test_recipe_full_reentrant_bf16_8bit_plain_ddp_2proc)."""
     from conftest import launch_cmd, run
 
     args = ["--config", TINY_RECIPE, "--max_steps", "2", "--output_dir", str(tmp_path / "o"), "--report_to", "none"]
