@@ -21,6 +21,11 @@ RECIPE ?= configs/recipes/train_tiny_zero2.yaml
 DS ?=
 ARGS ?=
 # One process per core on CPU; on GPU nodes each rank drives its GPU (torchrun's default is 1 thread too).
+# Every launch target lints the files it will use first: a bad config is one `error:` line per problem, not a
+# traceback from each rank (`dsrecipes check`, src/dsrecipes/config/check.py; ARGS are checked as the recipe will
+# parse them). $(call PRECHECK,RECIPE[,DS])
+PRECHECK = $(BIN)/dsrecipes check --accelerate $(ACCELERATE_CONFIG) $(if $(2),--deepspeed $(2)) --recipe $(1) \
+	$(if $(ARGS),-- $(ARGS))
 LAUNCH = $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_cpu_threads_per_process 1 \
 	$(if $(DS),--deepspeed_config_file $(DS))
 
@@ -53,6 +58,7 @@ test-fast: setup  ## unit tests only (no multi-process launches)
 	$(BIN)/python -m pytest tests -q -m "not slow and not slurm"
 
 train: setup  ## train the tiny default (2 CPU procs, ZeRO-2) and print where the outputs are
+	$(call PRECHECK,$(RECIPE),$(DS))
 	$(LAUNCH) recipes/train_lm.py --config $(RECIPE) $(ARGS)
 
 check: setup  ## lint every shipped config with dsrecipes check
@@ -67,6 +73,7 @@ compat: setup  ## regenerate docs/compat.md from the rule table and the runs of 
 .PHONY: distill bench-throughput
 DISTILL_RECIPE ?= configs/recipes/distill_tiny_4to2.yaml
 distill: setup  ## distil the `make train` model (4 layers) into 2 layers, plus the same student from scratch
+	$(call PRECHECK,$(DISTILL_RECIPE),$(DS))
 	$(LAUNCH) recipes/distill.py --config $(DISTILL_RECIPE) $(ARGS)
 
 bench-throughput: setup  ## freezing, distillation, pipeline bubble, recipe vs HF Trainer -> docs/results/throughput.*
@@ -76,6 +83,7 @@ bench-throughput: setup  ## freezing, distillation, pipeline bubble, recipe vs H
 .PHONY: pipeline
 PIPELINE_RECIPE ?= configs/recipes/pipeline_tiny.yaml
 pipeline: setup  ## tiny GPT-2 in 2 pipeline stages (2 CPU procs, ZeRO-1), HF final/ out
+	$(call PRECHECK,$(PIPELINE_RECIPE),$(or $(DS),configs/deepspeed/zero1.json))
 	$(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_cpu_threads_per_process 1 \
 		--deepspeed_config_file $(or $(DS),configs/deepspeed/zero1.json) recipes/train_pipeline.py --config $(PIPELINE_RECIPE) $(ARGS)
 
@@ -121,6 +129,7 @@ MODEL ?= outputs/train_tiny_zero2/final
 PORT ?= 8000
 SERVE_RECIPE ?= configs/recipes/serve_cpu.yaml
 serve: setup  ## serve MODEL (default: the `make train` export) on http://127.0.0.1:PORT (default 8000)
+	$(BIN)/dsrecipes check --recipe $(SERVE_RECIPE) -- --model_name_or_path $(MODEL) --port $(PORT) $(ARGS)
 	$(BIN)/python recipes/serve.py --config $(SERVE_RECIPE) --model_name_or_path $(MODEL) --host 127.0.0.1 --port $(PORT) $(ARGS)
 
 bench-serve: setup  ## batching, int8, init_inference TP 1/2, 60 s load run -> docs/results/serving.*

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY, launch_cmd, run, summary, train_curve
+from conftest import ROOT, TINY, launch_cmd, read_jsonl, run, summary, train_curve
 
 STEPS = 8
 COMMON = [
@@ -57,6 +57,34 @@ def train(tmp_root, stage: str, nproc: int, *extra, **env):
     return _runs[key]
 
 
+def train_zero3_init(tmp_root, nproc: int) -> str:
+    """ZeRO-3 with zero3_init_flag: true (the model is built sharded, under deepspeed.zero.Init)."""
+    key = ("zero3_init", nproc, ())
+    if key not in _runs:
+        with open(os.path.join(ROOT, "configs/accelerate/deepspeed_cpu_2proc.yaml")) as fh:
+            text = fh.read()
+        assert "zero3_init_flag: false" in text
+        yaml_path = os.path.join(tmp_root, "deepspeed_cpu_zero3_init.yaml")
+        with open(yaml_path, "w") as fh:
+            fh.write(text.replace("zero3_init_flag: false", "zero3_init_flag: true"))
+        out = os.path.join(tmp_root, f"zero3_init_{nproc}p_{len(_runs)}")
+        cmd = launch_cmd(
+            "recipes/train_lm.py",
+            COMMON + ["--output_dir", out],
+            accelerate_config=yaml_path,
+            deepspeed="configs/deepspeed/zero3.json",
+            num_processes=nproc,
+        )
+        run(cmd, timeout=900)
+        _runs[key] = out
+    return _runs[key]
+
+
+def eval_losses(output_dir: str) -> list[tuple[int, float]]:
+    records = read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
+    return [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+
+
 @pytest.fixture(scope="module")
 def tmp_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("train_lm"))
@@ -86,6 +114,11 @@ def test_zero_stages_give_the_same_loss_curve(tmp_root, nproc):
         s = summary(_runs[(stage, nproc, ())])
         assert s["status"] == "completed" and s["world_size"] == nproc and s["steps"] == STEPS
         assert s["zero_stage"] == int(stage[4])
+    # Built sharded (zero3_init_flag: true): the same weights, so bit for bit the ZeRO-3 run, train and eval.
+    sharded = train_zero3_init(tmp_root, nproc)
+    assert train_curve(sharded) == curves["zero3"], (nproc, train_curve(sharded), curves["zero3"])
+    assert eval_losses(sharded) == eval_losses(_runs[("zero3", nproc, ())]) and eval_losses(sharded)
+    assert summary(sharded)["status"] == "completed" and summary(sharded)["zero_stage"] == 3
 
 
 @pytest.mark.slow

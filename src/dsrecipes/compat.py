@@ -56,6 +56,14 @@ WORKAROUNDS: dict[str, Workaround] = {
         "from_pretrained would always build under zero.Init; unsetting it touches transformers' private "
         "_hf_deepspeed_config_weak_ref",
     ),
+    "transformers_init_weights_by_module": Workaround(
+        "transformers",
+        "5.23.0",
+        "no upstream issue (transformers has no public per-module init)",
+        "from-config models are re-initialised module by module, each from a seed derived from its name, so a "
+        "build under zero.Init gives the same weights as an unsharded one; that calls the private "
+        "PreTrainedModel._init_weights",
+    ),
     "deepspeed_full_optimizer_state": Workaround(
         "deepspeed",
         "0.19.8",
@@ -325,3 +333,11 @@ if __name__ == "__main__":
         flag = "RE-CHECK" if row["recheck"] else "ok"
         print(f"{flag:<8} {row['workaround']:<38} {row['package']} {row['verified']} (installed {row['installed']})")
         print(f"         {row['issue']}")
+
+
+# ----------------------------------------------------------------------------- transformers
+def hf_init_weights(model):
+    """The bound PreTrainedModel._init_weights of `model` (initialises one module, its direct parameters and those of
+    its direct children)."""
+    guard("transformers_init_weights_by_module")
+    return _private(model, "_init_weights", "transformers_init_weights_by_module")

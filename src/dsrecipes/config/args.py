@@ -18,6 +18,7 @@ from typing import Optional
 import yaml
 
 from dsrecipes.config.errors import ConfigError
+from dsrecipes.config.limits import CHOICES_FROM, LIMITS, check_range, float_hint  # noqa: F401
 
 
 def _f(default, help: str, **kw):
@@ -142,7 +143,8 @@ def _base_type(tp):
 
 
 def validate_values(values: dict, dataclass_types, where: str) -> None:
-    """Unknown keys and wrong types (a string "8" where a number goes) are errors, one line each."""
+    """Unknown keys, wrong types (a string "8" where a number goes), out-of-range values and unknown choices are
+    errors, one line each."""
     fields = {f.name: f for dc in dataclass_types for f in dataclasses.fields(dc)}
     for key, value in values.items():
         if key not in fields:
@@ -158,7 +160,7 @@ def validate_values(values: dict, dataclass_types, where: str) -> None:
                 where,
                 key,
                 f"expected a number, got {type(value).__name__} {value!r}",
-                f"write it unquoted, e.g. {key}: {_example(want)}",
+                float_hint(key, value) if want is float else f"write it unquoted, e.g. {key}: 8",
             )
         if want is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(where, key, f"expected an integer, got {value!r}", "write a whole number")
@@ -168,13 +170,10 @@ def validate_values(values: dict, dataclass_types, where: str) -> None:
             raise ConfigError(where, key, f"expected a string, got {value!r}", "quote the value")
         if want is list and not isinstance(value, list):
             raise ConfigError(where, key, f"expected a list, got {value!r}", f"write {key}: [a, b]")
-        choices = f.metadata.get("choices")
+        choices = f.metadata.get("choices") or (CHOICES_FROM[key]() if key in CHOICES_FROM else None)
         if choices and value not in choices:
             raise ConfigError(where, key, f"{value!r} is not one of {choices}", "pick one of those")
-
-
-def _example(tp):
-    return 8 if tp is int else 0.001
+        check_range(key, value, where)
 
 
 def load_yaml(path: str) -> dict:
@@ -196,11 +195,27 @@ def load_yaml(path: str) -> dict:
     return values
 
 
+def not_rank0() -> bool:
+    """True on every launched process but the first (torchrun/accelerate set RANK): those exit quietly on a bad
+    config, so each error line prints once, not once per process."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def parse_args(dataclass_types, argv=None, validate=None):
     """YAML (--config) plus CLI overrides -> one merged namespace object with every field as attribute.
 
     Returns (namespace, config_path). `validate(ns, where)` may raise ConfigError for cross-field checks.
+    A bad value raises ConfigError on rank 0 and exits with code 2, silently, on the other ranks.
     """
+    try:
+        return _parse_args(dataclass_types, argv)
+    except ConfigError:
+        if not_rank0():
+            raise SystemExit(2) from None
+        raise
+
+
+def _parse_args(dataclass_types, argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
@@ -217,6 +232,9 @@ def parse_args(dataclass_types, argv=None, validate=None):
         bad = next((r for r in remaining if r.startswith("--")), remaining[0])
         raise ConfigError("<cli>", bad, "unknown argument", "run the recipe with --help to list the valid flags")
     merged = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k != "config"})
+    for key, value in vars(merged).items():  # CLI overrides get the same ranges and choices as the YAML
+        if key not in values or values[key] != value:
+            validate_values({key: value}, dataclass_types, "<cli>")
     return merged, known.config
 
 

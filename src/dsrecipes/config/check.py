@@ -2,6 +2,7 @@
 
     dsrecipes check --accelerate A.yaml --deepspeed D.json --recipe R.yaml    (any subset)
     dsrecipes check --all                                                     (every shipped config)
+    dsrecipes check --accelerate A.yaml --recipe R.yaml -- --max_steps 10     (recipe flags, as the launch gets them)
 
 Each problem prints as `error: FILE: KEY: what is wrong; how to fix it`; exit code 2 if any. Recipes call
 `check_run()` at start-up with the values they actually got, so a bad launch fails in seconds.
@@ -18,7 +19,7 @@ import os
 import sys
 
 from dsrecipes.config import args as recipe_args
-from dsrecipes.config import rules
+from dsrecipes.config import rules, validate
 from dsrecipes.config.deepspeed import FILLED_AUTO  # noqa: F401  (re-exported)
 from dsrecipes.config.errors import ConfigError, ConfigErrors  # noqa: F401  (recipes use check.ConfigError)
 from dsrecipes.config.lint import (  # noqa: F401  (re-exported: recipes and tests import them from here)
@@ -102,8 +103,19 @@ def cross_check(
 
 
 # ----------------------------------------------------------------------------- entry points
+def override_values(rec: dict, flags: list[str]) -> dict:
+    """The values that recipe flags (`--key value`, as a launch passes them after the script) set, parsed and
+    checked the way the recipe will parse them. Raises ConfigError for an unknown flag or a bad value."""
+    ns, _ = recipe_args.parse_args(recipe_args.RECIPES[recipe_for(rec)], list(flags))
+    keys = [f[2:].split("=", 1)[0] for f in flags if f.startswith("--")]
+    return {k: getattr(ns, k) for k in keys if hasattr(ns, k)}
+
+
 def lint_files(
-    accelerate: str | None = None, deepspeed: str | None = None, recipe: str | None = None
+    accelerate: str | None = None,
+    deepspeed: str | None = None,
+    recipe: str | None = None,
+    recipe_flags: list[str] | None = None,
 ) -> list[ConfigError]:
     errs: list[ConfigError] = []
     acc = ds = rec = None
@@ -111,13 +123,20 @@ def lint_files(
         if accelerate:
             acc = recipe_args.load_yaml(accelerate)
             errs += lint_accelerate(acc, accelerate)
-            deepspeed = deepspeed or (acc.get("deepspeed_config") or {}).get("deepspeed_config_file")
+            acc_ds = acc.get("deepspeed_config")
+            deepspeed = deepspeed or (acc_ds.get("deepspeed_config_file") if isinstance(acc_ds, dict) else None)
         if deepspeed:
             ds = load_json(deepspeed)
-            errs += lint_deepspeed(ds, deepspeed)
+            ds_errs = lint_deepspeed(ds, deepspeed)
+            errs += ds_errs
+            if validate.shape_errors(ds, deepspeed):  # sections that are not objects: no cross-file checks
+                ds = None
         if recipe:
             rec = recipe_args.load_yaml(recipe)
-            errs += lint_recipe(rec, recipe)
+            rec_errs = lint_recipe(rec, recipe)
+            errs += rec_errs
+            if recipe_flags and not rec_errs:
+                rec = {**rec, **override_values(rec, recipe_flags)}
     except ConfigError as exc:
         return errs + [exc]
     on_cpu = bool(acc.get("use_cpu")) if acc else None
@@ -151,6 +170,8 @@ def check_run(accelerator, args, config_path: str | None) -> None:
         on_cpu=accelerator.device.type == "cpu",
     )
     if errs:
+        if not accelerator.is_main_process:  # rank 0 prints each line once; the others exit quietly
+            raise SystemExit(2)
         raise ConfigErrors(errs)
 
 
@@ -166,10 +187,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--deepspeed", help="DeepSpeed config JSON (default: the one the accelerate YAML names)")
     parser.add_argument("--recipe", help="recipe config YAML")
     parser.add_argument("--all", action="store_true", help="lint every shipped config under configs/")
+    parser.add_argument(
+        "recipe_flags",
+        nargs="*",
+        metavar="-- FLAG",
+        help="recipe flags as the launch passes them, after `--` (e.g. -- --max_steps 10): checked like the YAML",
+    )
 
 
 def run(ns) -> int:
-    combos = shipped_configs() if ns.all else [(ns.accelerate, ns.deepspeed, ns.recipe)]
+    flags = getattr(ns, "recipe_flags", None) or []
+    if flags and not ns.recipe:
+        print("error: <cli>: -- FLAGS: recipe flags need --recipe; pass the recipe YAML too", file=sys.stderr)
+        return 2
+    combos = shipped_configs() if ns.all else [(ns.accelerate, ns.deepspeed, ns.recipe, flags)]
     if not any(any(c) for c in combos):
         print("error: <cli>: -: nothing to check; pass --accelerate, --deepspeed, --recipe or --all", file=sys.stderr)
         return 2
@@ -177,5 +208,5 @@ def run(ns) -> int:
     for e in errs:
         print(e.line(), file=sys.stderr)
     if not errs:
-        print(f"ok: {sum(1 for c in combos for x in c if x)} file(s) checked, no problems")
+        print(f"ok: {sum(1 for c in combos for x in c[:3] if x)} file(s) checked, no problems")
     return 2 if errs else 0

@@ -4,6 +4,8 @@
     errs = lint_accelerate(load_yaml(path), path)
     errs = lint_recipe(load_yaml(path), path)
 
+Keys, types and ranges come from the libraries themselves (validate.py: DeepSpeed's pydantic models and the keys
+DeepSpeedConfig reads, accelerate's ClusterConfig); the recipe fields' ranges are limits.py's.
 What needs several files (a value set twice, batch arithmetic) is check.cross_check; which techniques combine is
 the rule table in rules.py.
 """
@@ -16,71 +18,10 @@ import os
 import re
 
 from dsrecipes.config import args as recipe_args
+from dsrecipes.config import validate
 from dsrecipes.config.deepspeed import FILLED_AUTO
 from dsrecipes.config.errors import ConfigError
 
-DS_TOP_KEYS = {
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-    "steps_per_print",
-    "wall_clock_breakdown",
-    "prescale_gradients",
-    "gradient_predivide_factor",
-    "sparse_gradients",
-    "bf16",
-    "bfloat16",
-    "fp16",
-    "amp",
-    "optimizer",
-    "scheduler",
-    "zero_optimization",
-    "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer",
-    "activation_checkpointing",
-    "flops_profiler",
-    "tensorboard",
-    "wandb",
-    "csv_monitor",
-    "comet",
-    "aio",
-    "communication_data_type",
-    "seq_parallel_communication_data_type",
-    "data_types",
-    "elasticity",
-    "pipeline",
-    "autotuning",
-    "checkpoint",
-    "memory_breakdown",
-    "dump_state",
-    "sparse_attention",
-    "data_efficiency",
-    "compression_training",
-    "curriculum_learning",
-    "quantize_training",
-    "nebula",
-    "disable_allgather",
-    "dataloader_drop_last",
-    "load_universal_checkpoint",
-    "use_node_local_storage",
-    "graph_harvesting",
-    "torch_autocast",
-    "compile",
-    "timers",
-    "eigenvalue",
-    "progressive_layer_drop",
-    "weight_quantization",
-    "hybrid_engine",
-    "mics_shard_size",
-    "mics_hierarchical_params_gather",
-    "zero_quantized_weights",
-    "zero_quantized_gradients",
-    "zero_hpz_partition_size",
-    "monitor_config",
-    "gradient_accumulation_dtype",
-    "_comment",
-}
 ACT_CKPT_KEYS = {
     "partition_activations",
     "contiguous_memory_optimization",
@@ -158,27 +99,18 @@ def _num(v):
 
 # ----------------------------------------------------------------------------- per file
 def lint_deepspeed(ds: dict, path: str) -> list[ConfigError]:
-    errs = []
+    errs = validate.shape_errors(ds, path)
+    if errs:  # a section that is not an object: the checks below read every section as a dict
+        return errs
+    top_keys = validate.ds_top_keys()  # what DeepSpeedConfig itself reads (None without DeepSpeed)
     for key in ds:
-        if key not in DS_TOP_KEYS:
+        if top_keys is not None and key not in top_keys:
             errs.append(
                 ConfigError(
                     path, key, "unknown DeepSpeed key", "remove it or fix the spelling (see the DeepSpeed config docs)"
                 )
             )
     zero = ds.get("zero_optimization", {}) or {}
-    try:
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-        zero_keys = set(DeepSpeedZeroConfig.model_fields)
-        zero_keys |= {f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
-        for key in zero:
-            if key not in zero_keys:
-                errs.append(
-                    ConfigError(path, f"zero_optimization.{key}", "unknown ZeRO key", "remove it or fix the spelling")
-                )
-    except ImportError:  # linting works without DeepSpeed installed, with fewer checks
-        pass
     for key in ds.get("activation_checkpointing") or {}:
         if key not in ACT_CKPT_KEYS:
             errs.append(
@@ -210,12 +142,20 @@ def lint_deepspeed(ds: dict, path: str) -> list[ConfigError]:
         )
     from dsrecipes.config.nvme import lint_nvme
 
-    return errs + lint_nvme(ds, path)
+    errs += lint_nvme(ds, path)
+    try:
+        seen = {e.key for e in errs}
+        errs += [e for e in validate.validate_deepspeed(ds, path) if e.key not in seen]
+    except ImportError:  # no pydantic/DeepSpeed: the checks above only
+        pass
+    return errs
 
 
 def lint_accelerate(acc: dict, path: str) -> list[ConfigError]:
     from accelerate.commands.config.config_args import ClusterConfig
 
+    if not acc:
+        return validate.validate_accelerate(acc, path)  # one line: the file is empty
     errs = []
     known = {f.name for f in dataclasses.fields(ClusterConfig)}
     for key, value in acc.items():
@@ -234,6 +174,7 @@ def lint_accelerate(acc: dict, path: str) -> list[ConfigError]:
                 ConfigError(path, key, f"number given as a string {value!r}", f"write it unquoted: {value.strip()}")
             )
     ds_cfg = acc.get("deepspeed_config") or {}
+    ds_cfg = ds_cfg if isinstance(ds_cfg, dict) else {}  # not a mapping: validate_accelerate's error
     for key, value in ds_cfg.items():
         if key not in ACC_DS_KEYS:
             errs.append(
@@ -263,7 +204,8 @@ def lint_accelerate(acc: dict, path: str) -> list[ConfigError]:
         errs.append(
             ConfigError(path, "deepspeed_config", "missing for distributed_type DEEPSPEED", "add deepspeed_config_file")
         )
-    return errs
+    seen = {e.key for e in errs}
+    return errs + [e for e in validate.validate_accelerate(acc, path) if e.key not in seen]
 
 
 def recipe_for(values: dict) -> str:

@@ -5,7 +5,7 @@
     state = ckpt.load(path)                          # accelerator.load_state + trainer_state.json
     state = ckpt.read_state(path)                    # trainer_state.json only (before anything is prepared)
     ckpt.save(step, {"step": step, ...})             # save_state into .tmp-*, then an atomic rename
-    stop = StopFlag(); stop.requested(accelerator)   # SIGUSR1/SIGTERM seen on any rank?
+    stop = StopFlag(); stop.requested(accelerator)   # SIGUSR1/SIGTERM/SIGINT seen on any rank?
     export_final(accelerator, model, tokenizer, out) # consolidated (ZeRO-3 too) HF directory, atomically
 
 Layout: output_dir/checkpoints/step_00000100/{pytorch_model/, random_states_*.pkl, trainer_state.json}
@@ -20,6 +20,7 @@ import shutil
 import signal
 
 from dsrecipes.config.errors import ConfigError
+from dsrecipes.train import watchdog
 
 STATE_FILE = "trainer_state.json"
 # Fault injection for the crash test: SIGKILL this process after the checkpoint of step N is written
@@ -125,14 +126,21 @@ class Checkpoints:
 
 
 class StopFlag:
-    """Remembers SIGUSR1/SIGTERM (SLURM preemption) so training can checkpoint at the next step boundary."""
+    """Remembers SIGUSR1/SIGTERM (SLURM preemption) and SIGINT (Ctrl-C) so training can checkpoint at the next step
+    boundary. Ctrl-C on `accelerate launch` reaches the ranks twice (the terminal signals the whole foreground
+    process group, then torch elastic forwards SIGINT and SIGKILLs after its shutdown timeout, 30 s by default):
+    both only set the flag. Also starts the orphan watchdog (dsrecipes.train.watchdog): a SIGTERM that comes from
+    the launcher's death (PR_SET_PDEATHSIG) exits at once, writing nothing."""
 
-    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)):
         self.signum = 0
         for s in signals:
             signal.signal(s, self._handler)
+        watchdog.start()
 
     def _handler(self, signum, frame):
+        if watchdog.orphaned():
+            watchdog.die(f" (signal {signum})")
         self.signum = signum
 
     def requested(self, accelerator) -> bool:

@@ -9,10 +9,12 @@
 
 compute_loss(model, batch) -> (loss tensor, {name: float}) is the recipe's hook: plain CE for train_lm, KL*T^2 + CE
 + cosine for distillation. The loop owns gradient accumulation (accelerate's accumulate), clipping, the optimizer
-step and LR schedule, logging (metrics.jsonl, tensorboard, the tqdm bar with MFU), eval (evaluate_lm), freezing
-(Freezer.after_step may rebuild model/optimizer/scheduler), checkpoint/resume (atomic, keep-last-K, exact: RNG,
-data position via skip_first_batches), preemption (SIGUSR1/SIGTERM: checkpoint at the next step boundary) and the
-throughput figures (MFU, step-time breakdown; dsrecipes.train.throughput).
+step and LR schedule, logging (metrics.jsonl, tensorboard, the tqdm bar with MFU; the logged loss and terms are
+means over the steps since the last logged step, as in HF Trainer, and `step_loss` is the step's own), eval
+(evaluate_lm), freezing (Freezer.after_step may rebuild model/optimizer/scheduler), checkpoint/resume (atomic,
+keep-last-K, exact: RNG, data position via skip_first_batches, the open logging window), preemption
+(SIGUSR1/SIGTERM: checkpoint at the next step boundary) and the throughput figures (MFU, step-time breakdown;
+dsrecipes.train.throughput).
 
 A run may have phases (distillation, then the same student from scratch): each phase is a Loop with its own
 `phase` name and a `step_offset`, so the checkpoints of all phases live in one directory with increasing step
@@ -31,7 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from dsrecipes.config.errors import ConfigError
+from dsrecipes.train import watchdog
 from dsrecipes.train.checkpoints import Checkpoints
+from dsrecipes.train.lock import lock_output_dir
 from dsrecipes.train.runlog import RunLog, perplexity
 from dsrecipes.train.throughput import StepTimer, mfu, peak_flops
 
@@ -48,6 +52,8 @@ class Session:
 
     def __init__(self, acc, args, stop, project: str | None = None, where: str | None = None):
         self.acc, self.args, self.stop, self.where = acc, args, stop, where or "<args>"
+        watchdog.start()  # a rank whose launcher dies exits at once (StopFlag started it already in recipes)
+        self.lock = lock_output_dir(acc, args.output_dir)  # before anything is written; released at exit
         self.ckpt = Checkpoints(acc, args.output_dir, keep_last=args.save_total_limit)
         self.resume_path = self.ckpt.resolve(args.resume_from)
         self.state = self.ckpt.read_state(self.resume_path) if self.resume_path else {}
@@ -90,6 +96,8 @@ class Session:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def print(self, *text) -> None:
         if self.acc.is_main_process:
@@ -124,6 +132,10 @@ class Loop:
             state.get("last_loss"),
             state.get("eval_loss"),
         )
+        # Sums of the step loss (and of each logged term) since the last logged step, and how many steps: what is
+        # logged is their mean, as in HF Trainer; carried in the checkpoint so that a resumed run logs the same.
+        window = state.get("loss_window") or {}
+        self.window_sums, self.window_steps = dict(window.get("sums", {})), window.get("steps", 0)
         self.timer = StepTimer(self.acc.device)
         self.tokens, self.model_flops, self.data_sum, self.train_time, self.preempted = 0, 0.0, 0, 0.0, False
         self.peak, self.peak_source = None, None
@@ -241,18 +253,24 @@ class Loop:
             self.step += 1
             bar.update(1)
             self.first_loss = self.train_loss if self.first_loss is None else self.first_loss
+            for k, v in {**terms, "loss": self.train_loss}.items():
+                self.window_sums[k] = self.window_sums.get(k, 0.0) + v
+            self.window_steps += 1
             if self.step % args.logging_steps == 0 or self.step == args.max_steps:
                 elapsed = max(time.time() - t_loop, 1e-9)
                 # float(): torchao's low-bit AdamW keeps lr as a tensor, which json cannot write
                 lr = float(self._lr())
-                rec = {"step": self.step, "loss": self.train_loss, "lr": lr, "epoch": self.epoch}
-                rec.update(tokens_per_s=self.tokens / elapsed, data_sum=self.data_sum, **terms)
+                means = {k: v / self.window_steps for k, v in self.window_sums.items()}
+                self.window_sums, self.window_steps = {}, 0
+                loss = means.pop("loss")
+                rec = {"step": self.step, "loss": loss, "step_loss": self.train_loss, "lr": lr, "epoch": self.epoch}
+                rec.update(tokens_per_s=self.tokens / elapsed, data_sum=self.data_sum, **means)
                 rec.update(log_fields() if log_fields is not None else {})
                 log.write(rec if self.phase is None else {**rec, "phase": self.phase})
                 self.data_sum = 0
-                self.session.track({f"{tag}/loss": self.train_loss, f"{tag}/lr": lr}, self.offset + self.step)
+                self.session.track({f"{tag}/loss": loss, f"{tag}/lr": lr}, self.offset + self.step)
                 now = mfu(self.tokens / elapsed, self.model_flops / max(self.tokens, 1), self.peak, acc.num_processes)
-                bar.set_postfix(loss=f"{self.train_loss:.3f}", **({"mfu": f"{now:.2%}"} if now else {}))
+                bar.set_postfix(loss=f"{loss:.3f}", **({"mfu": f"{now:.2%}"} if now else {}))
             if evaluate is not None and (self.step % args.eval_steps == 0 or self.step == args.max_steps):
                 self.eval_loss = evaluate()
                 rec = {"step": self.step, "eval_loss": self.eval_loss, "eval_ppl": perplexity(self.eval_loss)}
@@ -281,6 +299,7 @@ class Loop:
             "first_loss": self.first_loss,
             "last_loss": self.train_loss,
             "eval_loss": self.eval_loss,
+            "loss_window": {"sums": self.window_sums, "steps": self.window_steps},
             "freezer": self.freezer.state() if self.freezer is not None else {},
             "log_lines": self.session.log.lines,
         }

@@ -10,6 +10,7 @@ through the usual `from_pretrained` for users who have a network.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 
@@ -52,8 +53,8 @@ def zero3_init_scope(accelerator):
     """Build models sharded (deepspeed.zero.Init) only when the accelerate config says zero3_init_flag: true.
 
     accelerate 1.15 registers its ZeRO-3 config with transformers whatever the flag says, so from_config and
-    from_pretrained would always build under zero.Init. That draws a different init RNG stream (ZeRO-3 would
-    not match ZeRO 0-2) and is only needed when the model does not fit one device unsharded.
+    from_pretrained would always build under zero.Init. Building sharded is only needed when the model does not
+    fit one device unsharded; either way a from-config model gets the same weights (init_by_name).
     """
     plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
     if plugin is None or plugin.zero3_init_flag:
@@ -69,23 +70,6 @@ def build_causal_lm(model_args, tokenizer=None, config_overrides: dict | None = 
     """AutoModelForCausalLM from model_name_or_path, or freshly initialised from model_config."""
     with zero3_init_scope(accelerator):
         model = _build_causal_lm(model_args, tokenizer, config_overrides)
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    if (
-        plugin is not None
-        and plugin.zero3_init_flag
-        and plugin.zero_stage == 3
-        and getattr(model.config, "tie_word_embeddings", False)
-    ):
-        # Measured here (deepspeed 0.19.8, cpu accelerator): GPT-2 built under zero.Init with tied embeddings
-        # trains, but its eval loss drifts far above the train loss (9.3 vs 2.8 after 20 steps); untied or
-        # built unsharded (zero3_init_flag: false) it matches ZeRO 0-2. Say so rather than fail silently.
-        import warnings
-
-        warnings.warn(
-            "ZeRO-3 with zero3_init_flag: true and tied word embeddings gave wrong eval losses in our "
-            "tests (see README); use zero3_init_flag: false unless the model does not fit unsharded",
-            stacklevel=2,
-        )
     return model
 
 
@@ -112,7 +96,63 @@ def _build_causal_lm(model_args, tokenizer, config_overrides):
     config = load_model_config(model_args.model_config, tokenizer)
     for k, v in (config_overrides or {}).items():
         setattr(config, k, v)
-    return AutoModelForCausalLM.from_config(config)
+    import torch
+
+    seed = torch.initial_seed()  # set_seed(args.seed) before the build sets it
+    rng = torch.random.get_rng_state()
+    model = AutoModelForCausalLM.from_config(config)
+    init_by_name(model, seed)
+    # The unsharded constructor draws torch's default init, zero.Init does not: leave the RNG as it was.
+    torch.random.set_rng_state(rng)
+    return model
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def init_by_name(model, seed: int) -> None:
+    """Re-initialise every module of an HF model from a seed derived from its qualified name.
+
+    The weights then depend only on (seed, module name, shape), not on how many random numbers the build drew
+    before: a model built sharded (zero.Init, where each module's parameters are gathered to rank 0 for its init)
+    gets exactly the weights of an unsharded build. Same order as transformers' own init: children first; a
+    module's init may touch its direct children's parameters (GPT-2's scaled c_proj), so those are gathered too.
+    """
+    import torch
+    from transformers import PreTrainedModel
+
+    from dsrecipes.compat import hf_init_weights
+
+    def visit(module, name, fn):
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            visit(child, full, hf_init_weights(child) if isinstance(child, PreTrainedModel) else fn)
+        params = list(module.parameters(recurse=False))
+        for child in module.children():
+            if not isinstance(child, PreTrainedModel):
+                params.extend(child.parameters(recurse=False))
+        sharded = [p for p in params if hasattr(p, "ds_id")]
+        with _gathered(sharded) as modifier:
+            if modifier:
+                torch.manual_seed(_name_seed(seed, name))
+                fn(module)
+
+    with torch.no_grad():
+        visit(model, "", hf_init_weights(model))
+    model.tie_weights()
+
+
+@contextlib.contextmanager
+def _gathered(params):
+    """Yields True where this rank may write the parameters: always when unsharded, rank 0 under ZeRO-3."""
+    if not params:
+        yield True
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield deepspeed.comm.get_rank() == 0
 
 
 def count_parameters(model, trainable_only: bool = False) -> int:

@@ -15,12 +15,15 @@ EIGHT_BIT = {"adamw_8bit", "paged_adamw_8bit", "torchao_adamw_8bit", "torchao_ad
 
 
 def param_groups(model, weight_decay: float):
-    """Decay matrices only; biases and norms get no weight decay (the GPT-2/BERT convention)."""
+    """Decay matrices only; biases and norms get no weight decay (the GPT-2/BERT convention).
+
+    Under zero.Init every parameter is a 1-D (often empty) local partition: its full shape is p.ds_shape."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
