@@ -21,8 +21,8 @@ import torch
 from accelerate.utils import set_seed
 
 from dsrecipes.config import check
-from dsrecipes.config.args import RECIPES, parse_args
-from dsrecipes.config.errors import ConfigError, exit_on_config_error
+from dsrecipes.config.args import recipe_main
+from dsrecipes.config.errors import ConfigError
 from dsrecipes.distill.distillation import make_distill_accelerator
 from dsrecipes.distill.phases import (
     StudentTraining,
@@ -40,11 +40,9 @@ from dsrecipes.train.data import build_lm_datasets, load_tokenizer
 from dsrecipes.train.loop import Session
 
 
-@exit_on_config_error
-def main(argv=None):
+@recipe_main("distill")  # parses YAML + CLI into args; a ConfigError is one line, exit 2
+def main(args, where):
     # ------------------------------------------------------------------ parse and check
-    args, config_path = parse_args(RECIPES["distill"], argv)
-    where = config_path or "<cli>"
     if args.model_name_or_path:
         raise ConfigError(
             where,
@@ -54,11 +52,11 @@ def main(argv=None):
         )
     stop = StopFlag()  # SIGUSR1/SIGTERM: checkpoint at the next step boundary, then exit
     accelerator = make_distill_accelerator(args)
-    check.check_run(accelerator, args, config_path)
+    check.check_run(accelerator, args, where)
     fill_deepspeed_from_recipe(accelerator, args)
     set_seed(args.seed)
     t_start = time.time()
-    session = Session(accelerator, args, stop, project="distill", where=config_path)  # checkpoints, resume, log
+    session = Session(accelerator, args, stop, project="distill", where=where)  # checkpoints, resume, log
 
     # ------------------------------------------------------------------ data, teacher and student
     teacher, student, mapping = build_teacher_and_student(args, accelerator)

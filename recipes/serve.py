@@ -21,8 +21,7 @@ import sys
 
 import torch
 
-from dsrecipes.config.args import RECIPES, parse_args
-from dsrecipes.config.errors import exit_on_config_error
+from dsrecipes.config.args import recipe_main
 from dsrecipes.serve.app import Guard, build_app, serve_forever, served_name
 from dsrecipes.serve.batcher import Batcher
 from dsrecipes.serve.engine import Engine, KVBatch, Replicated, follow, supports_kv_merge
@@ -31,12 +30,11 @@ from dsrecipes.serve.metrics import Metrics
 
 
 # ----------------------------------------------------------------------------- main
-@exit_on_config_error
-def main(argv=None):
+@recipe_main("serve")  # parses YAML + CLI into args; a ConfigError is one line, exit 2
+def main(args, where):
     # ------------------------------------------------------------------ parse and check
-    args, config_path = parse_args(RECIPES["serve"], argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    check_serve_args(args, config_path or "<cli>", world)
+    check_serve_args(args, where, world)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     if world > 1:

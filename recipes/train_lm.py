@@ -19,8 +19,7 @@ import torch
 from accelerate.utils import set_seed
 
 from dsrecipes.config import check
-from dsrecipes.config.args import RECIPES, parse_args
-from dsrecipes.config.errors import exit_on_config_error
+from dsrecipes.config.args import recipe_main
 from dsrecipes.freezing.freezer import Freezer
 from dsrecipes.memory import activation_checkpointing, measure
 from dsrecipes.train.accelerator import (
@@ -38,17 +37,16 @@ from dsrecipes.train.optimizers import build_optimizer
 from dsrecipes.train.throughput import FlopCounter
 
 
-@exit_on_config_error
-def main(argv=None):
+@recipe_main("train_lm")  # parses YAML + CLI into args; a ConfigError is one line, exit 2
+def main(args, where):
     # ------------------------------------------------------------------ parse and check
-    args, config_path = parse_args(RECIPES["train_lm"], argv)
     stop = StopFlag()  # SIGUSR1/SIGTERM: checkpoint at the next step boundary, then exit
     accelerator = make_accelerator(args, project="train_lm")
-    check.check_run(accelerator, args, config_path)
+    check.check_run(accelerator, args, where)
     fill_deepspeed_from_recipe(accelerator, args)
     set_seed(args.seed)
     t_start = time.time()
-    session = Session(accelerator, args, stop, project="train_lm", where=config_path)  # checkpoints, resume, log
+    session = Session(accelerator, args, stop, project="train_lm", where=where)  # checkpoints, resume, log
 
     # ------------------------------------------------------------------ data and model
     tokenizer = load_tokenizer(args.tokenizer_name_or_path, args.model_name_or_path)

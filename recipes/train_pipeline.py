@@ -23,8 +23,7 @@ import time
 import torch.distributed as dist
 from transformers import set_seed
 
-from dsrecipes.config.args import RECIPES, parse_args
-from dsrecipes.config.errors import exit_on_config_error
+from dsrecipes.config.args import recipe_main
 from dsrecipes.pipeline.bubble import BubbleMeter
 from dsrecipes.pipeline.engine import (
     EngineRun,
@@ -43,11 +42,9 @@ from dsrecipes.train.loop import Loop, Session
 from dsrecipes.train.throughput import FlopCounter
 
 
-@exit_on_config_error
-def main(argv=None):
+@recipe_main("train_pipeline")  # parses YAML + CLI into args; a ConfigError is one line, exit 2
+def main(args, where):
     # ------------------------------------------------------------------ parse, check, build
-    args, config_path = parse_args(RECIPES["train_pipeline"], argv)
-    where = config_path or "<cli>"
     settings = prepare(args, where)  # every check that needs no process group
     init_distributed()
     rank, stop, t_start = dist.get_rank(), StopFlag(), time.time()

@@ -356,3 +356,23 @@ class ServeArguments:
 
 
 register("serve", (ServeArguments,))
+
+
+def recipe_main(name: str):
+    """A recipe's entry point: `@recipe_main("train_lm") def main(args, where)` becomes `main(argv)`, which parses
+    argv (YAML + CLI) into RECIPES[name] and turns any ConfigError into one printed line and exit code 2. `where` is
+    the recipe YAML's path (or "<cli>"), the FILE of the recipe's own one-line errors."""
+    import functools
+
+    from dsrecipes.config.errors import exit_on_config_error
+
+    def wrap(body):
+        @exit_on_config_error
+        @functools.wraps(body)
+        def main(argv=None):
+            args, config_path = parse_args(RECIPES[name], argv)
+            return body(args, config_path or "<cli>")
+
+        return main
+
+    return wrap
