@@ -59,7 +59,7 @@ WORKAROUNDS: dict[str, Workaround] = {
     "transformers_init_weights_by_module": Workaround(
         "transformers",
         "5.23.0",
-        "no upstream issue (transformers has no public per-module init)",
+        "no upstream issue found (transformers has no public per-module init)",
         "from-config models are re-initialised module by module, each from a seed derived from its name, so a "
         "build under zero.Init gives the same weights as an unsharded one; that calls the private "
         "PreTrainedModel._init_weights",
