@@ -16,8 +16,8 @@ import time
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from dsrecipes.compat import fix_cpu_deepspeed_world_size
 from dsrecipes.config.args import RECIPES, parse_args
-from dsrecipes.train.accelerator import fix_cpu_deepspeed_world_size
 from dsrecipes.train.data import build_lm_datasets, load_tokenizer
 from dsrecipes.train.models import build_causal_lm
 

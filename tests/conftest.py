@@ -48,3 +48,29 @@ def summary(output_dir: str) -> dict:
 @pytest.fixture(scope="session")
 def root() -> str:
     return ROOT
+
+
+@pytest.fixture(scope="module")  # tests/test_memory.py, tests/test_zero_init.py
+def ds_world():
+    """DeepSpeed's communication in this process (a world of one), once per module. The rendezvous variables are
+    put back as soon as it is up (a child process launched with them would try this process's MASTER_PORT); the
+    tests that use DeepSpeed get them through ds_comm."""
+    import deepspeed
+    import torch.distributed as dist
+
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield env
+    dist.destroy_process_group()
+    import deepspeed.comm.comm as ds_comm_mod
+
+    ds_comm_mod.cdb = None

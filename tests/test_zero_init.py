@@ -5,39 +5,12 @@ In one process (a DeepSpeed world of one on gloo), so it runs in seconds.
 Run: .venv/bin/python -m pytest tests/test_zero_init.py -q
 """
 
-import os
 import types
 
 import pytest
 
-from conftest import free_port
-
 MODEL = "configs/models/tiny_gpt2.json"
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
-
-
-@pytest.fixture(scope="module")
-def ds_world():
-    """DeepSpeed's communication in this process (a world of one); the rendezvous variables are put back after."""
-    import deepspeed
-    import torch.distributed as dist
-
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    yield env
-    dist.destroy_process_group()
-    import deepspeed.comm.comm as ds_comm_mod
-
-    ds_comm_mod.cdb = None
 
 
 @pytest.fixture

@@ -17,13 +17,6 @@ from dsrecipes import compat
 from dsrecipes.config.errors import ConfigError
 
 
-def fix_cpu_deepspeed_world_size() -> None:
-    """accelerate leaves num_processes=1 for DeepSpeed on its cpu accelerator: dsrecipes.compat has the fix."""
-    from dsrecipes.compat import fix_cpu_deepspeed_world_size as fix
-
-    fix()
-
-
 def make_accelerator(args, project: str):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
@@ -36,7 +29,7 @@ def make_accelerator(args, project: str):
             "run plain DDP on CPU as `ACCELERATE_USE_CPU=true torchrun --nproc_per_node N recipes/...`, or use "
             "configs/accelerate/deepspeed_cpu_2proc.yaml",
         )
-    fix_cpu_deepspeed_world_size()
+    compat.fix_cpu_deepspeed_world_size()
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # One scheduler step per optimizer step, whatever the number of processes.
