@@ -1,4 +1,5 @@
-"""The `dsrecipes` command: check (config linter), compat, plan (memory planner), loadgen (serving load generator).
+"""The `dsrecipes` command: check (config linter), compat, plan (memory planner), loadgen (serving load generator),
+checkpoint (inspect, convert, export).
 
 compat writes docs/compat.md, which techniques combine.
 
@@ -6,6 +7,7 @@ compat writes docs/compat.md, which techniques combine.
     dsrecipes compat [--check]
     dsrecipes plan --model configs/models/gpt2_small.json --zero 3 --gpus 8 --gpu A100-80GB
     dsrecipes loadgen --url http://127.0.0.1:8000 --concurrency 1 4 16
+    dsrecipes checkpoint inspect|convert|export outputs/train_lm [OUT]
 
 Each subcommand lives in its own module exposing add_arguments(parser) and run(namespace) -> exit code.
 """
@@ -23,6 +25,7 @@ COMMANDS = {
     "compat": ("dsrecipes.config.compat_doc", "write docs/compat.md (which techniques combine) from the rule table"),
     "plan": ("dsrecipes.memory.planner_cli", "predict per-GPU training memory and what makes a run fit"),
     "loadgen": ("dsrecipes.serve.loadgen", "drive a running dsrecipes server and report latency/throughput"),
+    "checkpoint": ("dsrecipes.train.checkpoint_cli", "inspect, convert (universal) or export (HF) a checkpoint"),
 }
 
 

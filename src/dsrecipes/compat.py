@@ -128,6 +128,14 @@ WORKAROUNDS: dict[str, Workaround] = {
         "pipeline layers are built from a config whose private _attn_implementation is set to sdpa (causal "
         "without a mask tensor); the memory planner reads it to pick the attention term",
     ),
+    "deepspeed_load_universal_save_time": Workaround(
+        "deepspeed",
+        "0.19.8",
+        "DeepSpeed #7546",
+        "with checkpoint.load_universal set while saving, ZeRO-3 writes only rank 0's model states, so every later "
+        "checkpoint is broken; an elastic resume sets the engine's private _config.load_universal_checkpoint for its "
+        "one load and clears it before anything is saved",
+    ),
 }
 _warned: set[str] = set()
 
@@ -217,6 +225,19 @@ def without_hf_deepspeed_config():
         yield
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+@contextlib.contextmanager
+def load_universal_for_this_load(engine):
+    """Inside: the DeepSpeed engine loads universal checkpoints; outside (and at every save): it does not (#7546)."""
+    guard("deepspeed_load_universal_save_time")
+    config = _private(engine, "_config", "deepspeed_load_universal_save_time")
+    _private(config, "load_universal_checkpoint", "deepspeed_load_universal_save_time")
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = False
 
 
 def accelerator_dataloaders(accelerator) -> list:

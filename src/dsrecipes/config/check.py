@@ -99,7 +99,22 @@ def cross_check(
         recipe_kind = RECIPE_KINDS.get(recipe_for(recipe), recipe_for(recipe)) if recipe else "train_lm"
     settings = rules.settings_from(recipe, ds, acc, world, on_cpu, recipe_kind)
     errs += rules.refusals(settings, {"recipe": rpath, "deepspeed": dpath})
-    return errs
+    from dsrecipes.train.elastic import check_resume  # light: no torch at import
+
+    stage = _get(ds, "zero_optimization.stage") if ds else None
+    values = {"output_dir": _default(recipe, "output_dir"), **recipe}
+    return errs + check_resume(values, _num(stage) if ds else None, world, rpath)
+
+
+def _default(recipe: dict, key: str):
+    """The recipe's default for `key` (recipe YAML leaves most keys out)."""
+    import dataclasses
+
+    for dc in recipe_args.RECIPES.get(recipe_for(recipe) if recipe else "train_lm", ()):
+        for f in dataclasses.fields(dc):
+            if f.name == key:
+                return f.default
+    return None
 
 
 # ----------------------------------------------------------------------------- entry points

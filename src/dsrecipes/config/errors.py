@@ -7,6 +7,7 @@ in a recipe's main() into that one line on stderr and exit code 2, with no trace
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 
@@ -34,13 +35,15 @@ def exit_on_config_error(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        loud = os.environ.get("RANK", "0") == "0"  # launched: every rank fails alike, rank 0 says so once
         try:
             return fn(*args, **kwargs)
         except ConfigErrors as exc:
-            for err in exc.errors:
+            for err in exc.errors if loud else []:
                 print(err.line(), file=sys.stderr, flush=True)
         except ConfigError as exc:
-            print(exc.line(), file=sys.stderr, flush=True)
+            if loud:
+                print(exc.line(), file=sys.stderr, flush=True)
         sys.exit(2)
 
     return wrapper

@@ -15,6 +15,7 @@ import torch
 
 from dsrecipes import compat
 from dsrecipes.config.errors import ConfigError
+from dsrecipes.train import elastic
 
 
 def make_accelerator(args, project: str):
@@ -30,6 +31,7 @@ def make_accelerator(args, project: str):
             "configs/accelerate/deepspeed_cpu_2proc.yaml",
         )
     compat.fix_cpu_deepspeed_world_size()
+    elastic.keep_global_batch(args, "<args>")  # resuming on another world size
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # One scheduler step per optimizer step, whatever the number of processes.

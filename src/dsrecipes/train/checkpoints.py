@@ -8,7 +8,8 @@
     stop = StopFlag(); stop.requested(accelerator)   # SIGUSR1/SIGTERM/SIGINT seen on any rank?
     export_final(accelerator, model, tokenizer, out) # consolidated (ZeRO-3 too) HF directory, atomically
 
-Layout: output_dir/checkpoints/step_00000100/{pytorch_model/, random_states_*.pkl, trainer_state.json}
+Layout: output_dir/checkpoints/step_00000100/{pytorch_model/, random_states_*.pkl, trainer_state.json, hf_config/,
+universal/ (only after an elastic resume: dsrecipes.train.elastic)}
 and output_dir/checkpoints/latest (a text file naming the newest complete checkpoint).
 """
 
@@ -23,9 +24,12 @@ from dsrecipes.config.errors import ConfigError
 from dsrecipes.train import watchdog
 
 STATE_FILE = "trainer_state.json"
+HF_CONFIG = "hf_config"  # the model's config.json, so that `dsrecipes checkpoint export` needs nothing else
 # Fault injection for the crash test: SIGKILL this process after the checkpoint of step N is written
 # to its temporary directory but before it is renamed into place.
 KILL_IN_SAVE_ENV = "DSRECIPES_FAULT_KILL_IN_SAVE"
+# Fault injection for the preemption tests: behave as if SIGUSR1 arrived during this process's N-th step.
+PREEMPT_AT_ENV = "DSRECIPES_FAULT_PREEMPT_AT"
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -35,6 +39,35 @@ def write_json_atomic(path: str, obj) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def find_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
+    """The checkpoint --resume_from names: 'latest' (None when there is none yet: a requeued job's first run) or a
+    directory, which must hold a complete checkpoint."""
+    if not resume_from:
+        return None
+    root = os.path.join(output_dir, "checkpoints")
+    if resume_from == "latest":
+        pointer = os.path.join(root, "latest")
+        if not os.path.isfile(pointer):
+            return None
+        with open(pointer) as fh:
+            path = os.path.join(root, fh.read().strip())
+        return path if os.path.isfile(os.path.join(path, STATE_FILE)) else None
+    if not os.path.isfile(os.path.join(resume_from, STATE_FILE)):
+        raise ConfigError(
+            "<args>",
+            "resume_from",
+            f"{resume_from!r} is not a complete checkpoint (no {STATE_FILE})",
+            f"pass 'latest' or a directory under {root}",
+        )
+    return resume_from
+
+
+def read_state(path: str) -> dict:
+    """trainer_state.json of a checkpoint, without loading its model/optimizer states."""
+    with open(os.path.join(path, STATE_FILE)) as fh:
+        return json.load(fh)
 
 
 class Checkpoints:
@@ -58,30 +91,13 @@ class Checkpoints:
 
     # ------------------------------------------------------------------ find
     def latest(self) -> str | None:
-        pointer = os.path.join(self.root, "latest")
-        if not os.path.isfile(pointer):
-            return None
-        with open(pointer) as fh:
-            name = fh.read().strip()
-        path = os.path.join(self.root, name)
-        return path if os.path.isfile(os.path.join(path, STATE_FILE)) else None
+        return find_checkpoint(os.path.dirname(self.root), "latest")
 
     def resolve(self, resume_from: str | None) -> str | None:
-        if not resume_from:
-            return None
-        if resume_from == "latest":
-            return self.latest()  # nothing yet: start fresh (a requeued job's first run)
-        if not os.path.isfile(os.path.join(resume_from, STATE_FILE)):
-            raise ConfigError(
-                "<args>",
-                "resume_from",
-                f"{resume_from!r} is not a complete checkpoint (no {STATE_FILE})",
-                f"pass 'latest' or a directory under {self.root}",
-            )
-        return resume_from
+        return find_checkpoint(os.path.dirname(self.root), resume_from)
 
     # ------------------------------------------------------------------ save / load
-    def save(self, step: int, trainer_state: dict) -> str:
+    def save(self, step: int, trainer_state: dict, model_config=None) -> str:
         name = f"step_{step:08d}"
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, f".tmp-{name}")
         if self.acc.is_main_process and os.path.exists(tmp):
@@ -91,6 +107,8 @@ class Checkpoints:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             write_json_atomic(os.path.join(tmp, STATE_FILE), trainer_state)
+            if model_config is not None:
+                model_config.save_pretrained(os.path.join(tmp, HF_CONFIG))
             if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
                 os.kill(os.getpid(), signal.SIGKILL)
             old = os.path.join(self.root, f".old-{name}")
@@ -118,11 +136,7 @@ class Checkpoints:
         self.acc.load_state(path)
         return self.read_state(path)
 
-    @staticmethod
-    def read_state(path: str) -> dict:
-        """trainer_state.json of a checkpoint, without loading its model/optimizer states."""
-        with open(os.path.join(path, STATE_FILE)) as fh:
-            return json.load(fh)
+    read_state = staticmethod(read_state)
 
 
 class StopFlag:
@@ -133,7 +147,8 @@ class StopFlag:
     the launcher's death (PR_SET_PDEATHSIG) exits at once, writing nothing."""
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)):
-        self.signum = 0
+        self.signum, self.steps = 0, 0
+        self.preempt_at = int(os.environ.get(PREEMPT_AT_ENV, "0"))
         for s in signals:
             signal.signal(s, self._handler)
         watchdog.start()
@@ -147,6 +162,9 @@ class StopFlag:
         """True on every rank once any rank got a signal (ranks must stop at the same step)."""
         import torch
 
+        self.steps += 1
+        if self.steps == self.preempt_at:
+            self.signum = signal.SIGUSR1
         flag = torch.tensor([float(self.signum)], device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, reduction="sum")

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsrecipes.config.errors import ConfigError
-from dsrecipes.train import watchdog
+from dsrecipes.train import elastic, watchdog
 from dsrecipes.train.checkpoints import Checkpoints
 from dsrecipes.train.lock import lock_output_dir
 from dsrecipes.train.runlog import RunLog, perplexity
@@ -57,6 +57,10 @@ class Session:
         self.ckpt = Checkpoints(acc, args.output_dir, keep_last=args.save_total_limit)
         self.resume_path = self.ckpt.resolve(args.resume_from)
         self.state = self.ckpt.read_state(self.resume_path) if self.resume_path else {}
+        # Written by another number of processes: load through a universal checkpoint (dsrecipes.train.elastic)
+        self.elastic = elastic.plan_resume(acc, self.resume_path, self.state, args, self.where)
+        if self.elastic is not None:
+            self.state = self.elastic.translate(self.state)
         self.log = RunLog(
             args.output_dir,
             enabled=acc.is_main_process,
@@ -201,7 +205,9 @@ class Loop:
 
     def resume(self) -> None:
         """Load the checkpoint this phase resumes from (model, optimizer, schedule, RNG; call after prepare)."""
-        if self.resumed_from:
+        if self.resumed_from and self.session.elastic is not None:
+            self.facts["elastic_resume"] = self.session.elastic.load(self.acc)
+        elif self.resumed_from:
             self.session.ckpt.load(self.resumed_from)
             where = f" ({self.phase})" if self.phase else ""
             self.session.print(f"resumed from {self.resumed_from} at step {self.step}{where}")
@@ -264,7 +270,7 @@ class Loop:
                 self.window_sums, self.window_steps = {}, 0
                 loss = means.pop("loss")
                 rec = {"step": self.step, "loss": loss, "step_loss": self.train_loss, "lr": lr, "epoch": self.epoch}
-                rec.update(tokens_per_s=self.tokens / elapsed, data_sum=self.data_sum, **means)
+                rec.update(tokens_per_s=self.tokens / elapsed, data_sum=self._global_data_sum(), **means)
                 rec.update(log_fields() if log_fields is not None else {})
                 log.write(rec if self.phase is None else {**rec, "phase": self.phase})
                 self.data_sum = 0
@@ -288,6 +294,14 @@ class Loop:
         self.train_time = time.time() - t_loop
         return self.preempted
 
+    def _global_data_sum(self) -> int:
+        """The sum of the token ids every rank trained on since the last log: a fingerprint of which samples the
+        steps saw, independent of how they were split over ranks and micro-batches (an elastic resume keeps it)."""
+        total = torch.tensor([self.data_sum], dtype=torch.float64, device=self.acc.device)
+        if self.acc.num_processes > 1:
+            total = self.acc.reduce(total, reduction="sum")
+        return int(total.item())
+
     def _lr(self):
         return self.scheduler.get_last_lr()[0]
 
@@ -302,13 +316,18 @@ class Loop:
             "loss_window": {"sums": self.window_sums, "steps": self.window_steps},
             "freezer": self.freezer.state() if self.freezer is not None else {},
             "log_lines": self.session.log.lines,
+            "world": elastic.world_facts(self.acc, self.args),  # what an elastic resume needs to know
         }
         if self.phase is not None:
             state["phase"] = self.phase
         return {**self.extra_state, **state}
 
     def save(self) -> str:
-        return self.session.ckpt.save(self.offset + self.step, self.trainer_state())
+        model = (
+            self.acc.unwrap_model(self.model) if self.model is not None and hasattr(self.acc, "unwrap_model") else None
+        )
+        config = getattr(model, "config", None)
+        return self.session.ckpt.save(self.offset + self.step, self.trainer_state(), model_config=config)
 
     # ------------------------------------------------------------------ results
     def summary(self) -> dict:
