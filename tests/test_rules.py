@@ -59,6 +59,8 @@ REFUSED = {
     "pipeline_zero23": ({"zero_optimization": {"stage": 3}}, {"num_stages": 2}, None),
     "pipeline_progressive": ({"zero_optimization": {"stage": 1}}, {"num_stages": 2, "freeze_schedule": "linear"}, None),
     "pipeline_prefix_cache": ({"zero_optimization": {"stage": 1}}, {"num_stages": 2, "freeze_cache": "memory"}, None),
+    "load_universal_zero3": ({"zero_optimization": {"stage": 3}, "checkpoint": {"load_universal": True}}, {}, None),
+    "load_universal_by_hand": ({"zero_optimization": {"stage": 1}, "checkpoint": {"load_universal": True}}, {}, None),
 }
 
 
@@ -145,6 +147,23 @@ def test_notes_are_not_errors(tmp_path):
     assert lint_files(**files) == []
     s = rules.settings_from(rec, {"zero_optimization": {"stage": 2}})
     assert [n.split(":")[0] for n in rules.notes(s)] == ["works, degraded"]
+
+
+def test_load_universal_is_refused_only_when_set_by_hand():
+    """checkpoint.load_universal in the JSON: ZeRO-3 breaks the saves (#7546), ZeRO 0-2 every later start; false or
+    unset passes (train/elastic.py turns it on for one load, after the start-up check)."""
+    from dsrecipes.config import rules
+
+    def fired(stage, value):
+        ds = {"zero_optimization": {"stage": stage}, "checkpoint": {"load_universal": value}}
+        return [r.id for r in rules.fired(rules.settings_from({}, ds))]
+
+    assert [fired(stage, True) for stage in (0, 1, 2, 3)] == [["load_universal_by_hand"]] * 3 + [
+        ["load_universal_zero3"]
+    ]
+    assert [fired(stage, v) for stage in (0, 1, 2, 3) for v in (False, None, "true")] == [[]] * 12
+    assert rules.fired(rules.settings_from({}, {"zero_optimization": {"stage": 3}})) == []
+    assert rules.BY_ID["load_universal_zero3"].issue == "deepspeedai/DeepSpeed#7546"
 
 
 # ---------------------------------------------------------------------------- the one "auto" filler

@@ -100,3 +100,47 @@ def test_the_report_lists_every_workaround():
     ).stdout
     for name, w in compat.WORKAROUNDS.items():
         assert re.search(rf"^ok\s+{name}\s+{w.package} {re.escape(w.verified)}", out, re.M), (name, out)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_universal_load_continues_exactly_with_two_param_groups(ds_world, monkeypatch, tmp_path, stage):
+    """save -> ds_to_universal -> load with load_universal (dsrecipes.compat.load_universal_for_this_load): the next
+    optimizer step equals the uninterrupted engine's, with a decay and a no-decay group (under ZeRO-3, DeepSpeed
+    0.19.8 alone shares one `step` tensor between the groups and gives both group 0's weight decay)."""
+    import deepspeed
+    import torch
+
+    for k, v in ds_world.items():  # DeepSpeed's engine reads LOCAL_RANK & co.: for this test only
+        monkeypatch.setenv(k, v)
+
+    def engine():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+        groups = [
+            {"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 0.1},
+            {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0},
+        ]
+        cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0}
+        return deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=cfg)[0]
+
+    def step(e):
+        loss = torch.nn.functional.mse_loss(e(x), y)
+        e.backward(loss)
+        e.step()
+        return loss.item()
+
+    x, y = torch.randn(4, 16), torch.randn(4, 4)
+    first = engine()
+    for _ in range(3):
+        step(first)
+    first.save_checkpoint(str(tmp_path), tag="t")
+    out = tmp_path / "u"
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tmp_path / "t")]
+    cmd += ["--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1"]
+    subprocess.run(cmd, check=True, capture_output=True, env=child_env())
+    second = engine()
+    with compat.load_universal_for_this_load(second, str(out)):
+        second.load_checkpoint(str(tmp_path), tag="u")
+    assert not second._config.load_universal_checkpoint  # off again before any save (DeepSpeed #7546)
+    assert [step(first) for _ in range(3)] == [step(second) for _ in range(3)]
+    assert [g["weight_decay"] for g in second.optimizer.optimizer.param_groups] == [0.1, 0.0]

@@ -136,6 +136,15 @@ WORKAROUNDS: dict[str, Workaround] = {
         "checkpoint is broken; an elastic resume sets the engine's private _config.load_universal_checkpoint for its "
         "one load and clears it before anything is saved",
     ),
+    "deepspeed_zero3_universal_load_state": Workaround(
+        "deepspeed",
+        "0.19.8",
+        "no upstream issue found for the shared step (DeepSpeed PR #7585: several param_groups in the converter)",
+        "ZeRO-3's universal load gives every optimizer sub-group the SAME `step` tensor, which torch's AdamW then "
+        "increments once per sub-group (bias correction runs ahead after the resume), and copies param_groups[0]'s "
+        "hyperparameters (weight_decay, betas, ...) onto every group; each state gets its own step and each group "
+        "its own saved hyperparameters back",
+    ),
 }
 _warned: set[str] = set()
 
@@ -228,16 +237,33 @@ def without_hf_deepspeed_config():
 
 
 @contextlib.contextmanager
-def load_universal_for_this_load(engine):
-    """Inside: the DeepSpeed engine loads universal checkpoints; outside (and at every save): it does not (#7546)."""
+def load_universal_for_this_load(engine, universal_engine_dir: str):
+    """Inside: the DeepSpeed engine loads universal checkpoints; outside (and at every save): it does not (#7546).
+    After a ZeRO-3 load, the optimizer state is repaired (deepspeed_zero3_universal_load_state)."""
     guard("deepspeed_load_universal_save_time")
     config = _private(engine, "_config", "deepspeed_load_universal_save_time")
     _private(config, "load_universal_checkpoint", "deepspeed_load_universal_save_time")
     config.load_universal_checkpoint = True
     try:
         yield
+        if engine.zero_optimization_stage() == 3:
+            _repair_zero3_universal_state(engine.optimizer.optimizer, universal_engine_dir)
     finally:
         config.load_universal_checkpoint = False
+
+
+def _repair_zero3_universal_state(optimizer, universal_engine_dir: str) -> None:
+    import torch
+
+    guard("deepspeed_zero3_universal_load_state")
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()  # one counter per sub-group, as before the save
+    saved = torch.load(os.path.join(universal_engine_dir, "zero", "optimizer_state.pt"), weights_only=False)
+    groups = saved["optimizer_state_dict"]["param_groups"]
+    if len(groups) == len(optimizer.param_groups):
+        for group, old in zip(optimizer.param_groups, groups):
+            group.update({k: v for k, v in old.items() if k != "params"})
 
 
 def accelerator_dataloaders(accelerator) -> list:

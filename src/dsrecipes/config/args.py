@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
@@ -176,12 +177,28 @@ def validate_values(values: dict, dataclass_types, where: str) -> None:
         check_range(key, value, where)
 
 
-def load_yaml(path: str) -> dict:
+# The exponent floats YAML 1.2 has and YAML 1.1 lacks (1.1 wants a dot and a signed exponent): 3e-4, 1e5, 3.0e4.
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
+FLOAT_FIRST = list("-+.0123456789")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 exponent floats: PyYAML follows YAML 1.1, where a float needs a dot and a
+    signed exponent, so `3e-4`, `1e5` and `3.0e4` come back as strings. Only plain (unquoted) scalars are resolved:
+    a quoted "3e-4" stays a string and gets the one-line type error. Integers keep YAML 1.1's resolver (tried first)."""
+
+
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, FLOAT_FIRST)
+
+
+def load_yaml(path: str, yaml12_floats: bool = True) -> dict:
+    """A recipe YAML as a dict. yaml12_floats=False reads it as PyYAML's safe_load does (YAML 1.1): what accelerate
+    itself sees in an accelerate config file."""
     if not os.path.isfile(path):
         raise ConfigError(path, "--config", "file not found", "pass an existing YAML file (see configs/recipes/)")
     try:
         with open(path) as fh:
-            values = yaml.safe_load(fh)
+            values = yaml.load(fh, Loader=RecipeLoader if yaml12_floats else yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         pos = f" at line {mark.line + 1}" if mark else ""

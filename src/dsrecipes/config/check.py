@@ -136,7 +136,7 @@ def lint_files(
     acc = ds = rec = None
     try:
         if accelerate:
-            acc = recipe_args.load_yaml(accelerate)
+            acc = recipe_args.load_yaml(accelerate, yaml12_floats=False)  # what accelerate reads
             errs += lint_accelerate(acc, accelerate)
             acc_ds = acc.get("deepspeed_config")
             deepspeed = deepspeed or (acc_ds.get("deepspeed_config_file") if isinstance(acc_ds, dict) else None)

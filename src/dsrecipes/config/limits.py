@@ -91,14 +91,12 @@ def _base_number(value):
 
 
 def float_hint(key: str, value) -> str:
-    """YAML 1.1 reads 3e-4 (no dot) as a string: say how to write it so YAML reads a number."""
+    """A float given as text. Recipe YAML is read with YAML 1.2 floats (args.RecipeLoader), so an unquoted 3e-4 is
+    a number already: a numeric string here was quoted (or the file was read as YAML 1.1): say to drop the quotes."""
     if isinstance(value, str):
         try:
-            number = float(value)
+            float(value)
         except ValueError:
             return f"write it unquoted, e.g. {key}: 0.001"
-        if "." not in value and "e" in value.lower():
-            mant, _, exp = value.lower().partition("e")
-            return f"YAML reads {value} as text: write {key}: {mant}.0e{exp} (a dot before the e) or {number!r}"
         return f"write it unquoted: {key}: {value.strip()}"
     return f"write it unquoted, e.g. {key}: 0.001"

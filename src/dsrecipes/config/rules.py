@@ -41,6 +41,7 @@ class Settings:
     ds_optimizer: str = ""  # the DeepSpeed JSON's optimizer.type, lower case ("" = none: the recipe builds it)
     cpu_checkpointing: bool = False  # activation_checkpointing.cpu_checkpointing in the DeepSpeed JSON
     ds_pipeline: bool = False  # the DeepSpeed JSON has a `pipeline` section
+    load_universal: bool = False  # checkpoint.load_universal is true in the DeepSpeed JSON
 
     def values(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,6 +210,29 @@ RULES: tuple[Rule, ...] = (
         key="freeze_cache",
         components=("pipeline",),
     ),
+    # `--resume_from latest` on another world size turns load_universal on for that one load (train/elastic.py);
+    # set in the JSON it is on for the whole run: at every save and at every later start.
+    Rule(
+        "load_universal_zero3",
+        {"load_universal": _set(True), "zero": _set(3)},
+        "set at save time under ZeRO-3, DeepSpeed writes only rank 0's model states, so every later checkpoint is "
+        "broken (DeepSpeed #7546)",
+        "leave it unset: --resume_from latest on another world size turns it on for that load only",
+        key="checkpoint.load_universal",
+        file="deepspeed",
+        issue="deepspeedai/DeepSpeed#7546",
+    ),
+    Rule(
+        "load_universal_by_hand",
+        {"load_universal": _set(True), "zero": _set(0, 1, 2)},
+        "makes every start load a universal checkpoint (latest_universal): resuming the run's own checkpoints fails "
+        "until each is converted, and ZeRO-0 has no universal format (DeepSpeed #7200)",
+        "leave it unset: --resume_from latest on another world size converts the checkpoint and turns it on for "
+        "that load only",
+        key="checkpoint.load_universal",
+        file="deepspeed",
+        issue="deepspeedai/DeepSpeed#7200",
+    ),
     Rule(
         "cache_off_under_every_k",
         {"cache": _set("memory", "disk"), "checkpointing": _set("every_k", "every_k_reentrant")},
@@ -283,6 +307,7 @@ def settings_from(
         ds_optimizer=str(_get(ds, "optimizer.type", "") or "").lower(),
         cpu_checkpointing=_get(ds, "activation_checkpointing.cpu_checkpointing") is True,
         ds_pipeline="pipeline" in ds,
+        load_universal=_get(ds, "checkpoint.load_universal") is True,
     )
 
 

@@ -6,9 +6,10 @@
     model, optimizer, scheduler = freezer.after_step(step, model, optimizer, scheduler)
 
 Progressive freezing freezes from the front: unit 0 is the embeddings plus block 0, unit i is block i, up to
-`freeze_progressive_blocks` units (default all blocks but the last). With a tied LM head (GPT-2) the head gets its
-own trainable copy of the matrix when the embeddings freeze (freeze_untie_head), so the output layer keeps
-learning as in FreezeOut and AutoFreeze, which never freeze it.
+`freeze_progressive_blocks` units (default all blocks but the last). With a tied LM head (GPT-2, tiny Llama and
+Qwen2) the head gets its own trainable copy of the matrix when the embeddings freeze (freeze_untie_head), so the
+output layer keeps learning as in FreezeOut and AutoFreeze, which never freeze it. Blocks and embeddings are found
+by dsrecipes.train.models (transformer.h / wte+wpe for GPT-2, model.layers / embed_tokens for Llama-family).
 - linear / cubic (FreezeOut-style): unit i freezes at step max_steps * t_i, t_i running from freeze_start to
   freeze_end linearly in i, or linearly in t^(1/3) for cubic (front units freeze earlier, back units later).
 - adaptive (AutoFreeze-style): every freeze_check_steps steps the gradient norm of each unfrozen block over
@@ -29,17 +30,7 @@ import re
 import torch
 
 from dsrecipes.config.errors import ConfigError
-from dsrecipes.train.models import transformer_blocks
-
-
-def embedding_modules(model):
-    emb = [model.get_input_embeddings()]
-    for name in ("wpe", "embed_positions", "position_embeddings"):
-        for _, mod in model.named_modules():
-            if hasattr(mod, name):
-                emb.append(getattr(mod, name))
-                break
-    return emb
+from dsrecipes.train.models import embedding_modules, transformer_blocks
 
 
 def apply_static_freezing(model, args) -> int:

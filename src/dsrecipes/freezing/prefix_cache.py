@@ -32,7 +32,7 @@ import tempfile
 
 import torch
 
-from dsrecipes.train.models import transformer_blocks
+from dsrecipes.train.models import decoder_parts, transformer_blocks
 
 
 def prefix_dropout(model, depth: int) -> list[str]:
@@ -56,10 +56,11 @@ def prefix_dropout(model, depth: int) -> list[str]:
 def _after_prefix_modules(model, blocks) -> set[int]:
     """Modules computed after the blocks (final norm, LM head): their dropout does not touch the prefix."""
     inside = {id(m) for blk in blocks for m in blk.modules()}
+    parts = decoder_parts(model)
     out = set()
-    head = model.get_output_embeddings()
-    for mod in [head] if head is not None else []:
-        out |= {id(m) for m in mod.modules()}
+    for mod in (parts["final_norm"], parts["head"]):
+        if mod is not None:
+            out |= {id(m) for m in mod.modules()}
     return out - inside
 
 

@@ -3,7 +3,8 @@
     app = Guard(build_app(args, batcher, lm_name, tok, ...), max_body, api_key, metrics)
     serve_forever(app, args, on_listening)       # uvicorn on a socket bound before it starts; SIGTERM drains
 
-Routes: POST /v1/completions (with SSE streaming), POST /v1/embeddings, GET /v1/models, /health and /metrics
+Routes: POST /v1/completions and /v1/chat/completions (dsrecipes.serve.chat; SSE streaming, logprobs, echo),
+POST /v1/embeddings, GET /v1/models, /health and /metrics
 (Prometheus). The Guard checks the API key on /v1/* and /metrics, caps the request body (413) and counts every
 request. Used by recipes/serve.py.
 """
@@ -19,13 +20,16 @@ import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 
 from dsrecipes.serve.api import APIError, CompletionRequest, EmbeddingRequest, as_prompt_list, validation_error
 from dsrecipes.serve.batcher import Batcher
+from dsrecipes.serve.chat import add_chat_route
 from dsrecipes.serve.engine import GenParams
+from dsrecipes.serve.logprobs import chunk_logprobs, completion_logprobs
 from dsrecipes.serve.metrics import Metrics
 
-ENDPOINTS = {"/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"}
+ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"}
 
 
 # ----------------------------------------------------------------------------- guard: auth, body cap, metrics
@@ -156,38 +160,73 @@ def build_app(args, batcher: Batcher, lm_name, tok, max_context, enc_name, enc_t
         if max(ids) >= vocab:
             raise APIError(400, f"token id {max(ids)} is outside the vocabulary ({vocab}).", param, "invalid_value")
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        model = pick_model(req.model, lm_name, "completions")
-        if req.echo or req.logprobs:
-            raise APIError(
-                400, "echo and logprobs are not supported.", "echo" if req.echo else "logprobs", "unsupported"
-            )
-        prompts = as_prompt_list(req.prompt)
-        if not 1 <= len(prompts) <= args.max_batch_size:
-            raise APIError(400, f"'prompt' must hold 1 to {args.max_batch_size} prompts.", "prompt", "invalid_value")
+    def refuse(req):
+        bad = req.refused()
+        if bad:
+            raise APIError(400, f"'{bad}' is not supported by this server.", bad, "unsupported_parameter")
+
+    def prompt_ids(prompts) -> list[list[int]]:
         ids = [tok.encode(p, add_special_tokens=False) if isinstance(p, str) else p for p in prompts]
         ids = [x or [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id] for x in ids]
         for x in ids:
             check_ids(x, len(tok), "prompt")
-        max_tokens = req.max_tokens or args.default_max_tokens
+        return ids
+
+    def check_max_tokens(ids, max_tokens, param="max_tokens"):
         if max_tokens > args.max_tokens_limit:
             raise APIError(
                 400,
-                f"max_tokens {max_tokens} is above this server's limit {args.max_tokens_limit}.",
-                "max_tokens",
+                f"{param} {max_tokens} is above this server's limit {args.max_tokens_limit}.",
+                param,
                 "invalid_value",
             )
         if max(len(x) for x in ids) + max_tokens > max_context:
             raise APIError(
                 400,
-                f"This model's maximum context length is {max_context} tokens; prompt + max_tokens "
+                f"This model's maximum context length is {max_context} tokens; prompt + {param} "
                 f"= {max(len(x) for x in ids) + max_tokens}.",
-                "max_tokens",
+                param,
                 "context_length_exceeded",
             )
-        stop = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
-        params = GenParams(max_tokens, req.temperature, req.top_p, stop, req.seed)
+
+    async def run(ids, params):
+        """-> finished Sequences (non-streamed), in prompt order; a failed generation is a 503."""
+        seqs = [None] * len(ids)
+        async for index, _, finish, seq in batcher.generate(ids, params, stream=False):
+            seqs[index] = seq if finish else seqs[index]
+        if any(s.finish_reason == "error" for s in seqs):
+            raise APIError(503, "Generation failed on the server; see its log.", None, "generation_failed")
+        metrics.observe("completion", sum(len(s.out_ids) for s in seqs))
+        return seqs
+
+    def stop_list(stop):
+        return [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+
+    def sse(gen, head, n_prompt, req, choice_fn):
+        usage = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(
+            _sse(gen, head, n_prompt, usage, metrics, choice_fn),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        model = pick_model(req.model, lm_name, "completions")
+        refuse(req)
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens 0 needs echo: true (scoring the prompt).", "max_tokens", "invalid_value")
+        if req.echo and req.stream:
+            raise APIError(400, "echo cannot be streamed; set stream: false.", "echo", "unsupported_parameter")
+        prompts = as_prompt_list(req.prompt)
+        if not 1 <= len(prompts) <= args.max_batch_size:
+            raise APIError(400, f"'prompt' must hold 1 to {args.max_batch_size} prompts.", "prompt", "invalid_value")
+        ids = prompt_ids(prompts)
+        max_tokens = req.max_tokens if req.max_tokens is not None else args.default_max_tokens
+        check_max_tokens(ids, max_tokens)
+        stop = stop_list(req.stop)
+        scored = req.logprobs if req.echo else None
+        params = GenParams(max_tokens, req.temperature, req.top_p, stop, req.seed, req.logprobs, scored)
         head = {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}",
             "object": "text_completion",
@@ -197,28 +236,34 @@ def build_app(args, batcher: Batcher, lm_name, tok, max_context, enc_name, enc_t
         n_prompt = sum(len(x) for x in ids)
         metrics.observe("prompt", n_prompt)
         if req.stream:
-            usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(
-                _sse(batcher, ids, params, head, n_prompt, usage, metrics),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        texts, seqs = [""] * len(ids), [None] * len(ids)
-        async for index, delta, finish, seq in batcher.generate(ids, params, stream=False):
-            texts[index] += delta
-            seqs[index] = seq if finish else seqs[index]
-        if any(s.finish_reason == "error" for s in seqs):
-            raise APIError(503, "Generation failed on the server; see its log.", None, "generation_failed")
+            sent = {}
+
+            def choice(index, delta, finish, seq):
+                lp = None
+                if req.logprobs is not None:
+                    start = sent.get(index, 0)
+                    lp = chunk_logprobs(tok, seq.logprobs[start:], len(seq.text) - len(delta))
+                    sent[index] = start + len(lp["tokens"])
+                return {"text": delta, "index": index, "logprobs": lp, "finish_reason": finish}
+
+            return sse(batcher.generate(ids, params), head, n_prompt, req, choice)
+        seqs = await run(ids, params)
+        choices = []
+        for i, (p, x, s) in enumerate(zip(prompts, ids, seqs)):
+            shown = (p if isinstance(p, str) else tok.decode(x, skip_special_tokens=True)) if req.echo else ""
+            lp = None
+            if req.logprobs is not None:
+                lp = completion_logprobs(tok, x, s, req.echo, len(s.text) if stop else None)
+            choices.append({"text": shown + s.text, "index": i, "logprobs": lp, "finish_reason": s.finish_reason})
         n_out = sum(len(s.out_ids) for s in seqs)
-        metrics.observe("completion", n_out)
         return {
             **head,
-            "choices": [
-                {"text": t, "index": i, "logprobs": None, "finish_reason": s.finish_reason}
-                for i, (t, s) in enumerate(zip(texts, seqs))
-            ],
+            "choices": choices,
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
         }
+
+    if lm_name:
+        add_chat_route(app, SimpleNamespace(**locals()))
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest):
@@ -226,10 +271,19 @@ def build_app(args, batcher: Batcher, lm_name, tok, max_context, enc_name, enc_t
         inputs = as_prompt_list(req.input)
         if not 1 <= len(inputs) <= args.max_batch_size:
             raise APIError(400, f"'input' must hold 1 to {args.max_batch_size} items.", "input", "invalid_value")
-        ids = [enc_tok(x)["input_ids"] if isinstance(x, str) else x for x in inputs]
+        cut = getattr(enc_tok, "dsrecipes_truncate", False)  # sentence-transformers models: at max_seq_length
+        ids = [enc_tok(x, truncation=cut)["input_ids"] if isinstance(x, str) else x for x in inputs]
         for x in ids:
             check_ids(x, len(enc_tok), "input", min(args.max_prompt_tokens, enc_context))
         vectors = await batcher.embed(ids)
+        if req.dimensions is not None and req.dimensions != len(vectors[0]):
+            raise APIError(
+                400,
+                f"'dimensions' {req.dimensions}: this model only gives {len(vectors[0])}-dimensional vectors "
+                "(it is not trained for truncation).",
+                "dimensions",
+                "unsupported_parameter",
+            )
         n = sum(len(x) for x in ids)
         metrics.observe("embedding", n)
         import numpy as np
@@ -273,10 +327,12 @@ def build_app(args, batcher: Batcher, lm_name, tok, max_context, enc_name, enc_t
     return app
 
 
-async def _sse(batcher, ids, params, head, n_prompt, include_usage, metrics):
-    """Server-sent events: one `data: {chunk}` per text delta, then `data: [DONE]`."""
+async def _sse(gen, head, n_prompt, include_usage, metrics, choice_fn):
+    """Server-sent events: one `data: {chunk}` per text delta (choice_fn builds its choice), then `data: [DONE]`;
+    include_usage: every chunk carries usage null, and a last one has `choices: []` and the usage."""
     t0, first, n_out = time.perf_counter(), True, 0
-    async for index, delta, finish, seq in batcher.generate(ids, params):
+    extra = {"usage": None} if include_usage else {}
+    async for index, delta, finish, seq in gen:
         if finish == "error":
             err = APIError(503, "Generation failed on the server.", None, "generation_failed")
             yield f"data: {json.dumps(err.body())}\n\n"
@@ -285,13 +341,17 @@ async def _sse(batcher, ids, params, head, n_prompt, include_usage, metrics):
             metrics.observe("ttft", time.perf_counter() - t0)
             first = False
         n_out += len(seq.out_ids) if finish else 0
-        chunk = {**head, "choices": [{"text": delta, "index": index, "logprobs": None, "finish_reason": finish}]}
-        yield f"data: {json.dumps(chunk)}\n\n"
+        for choice in _as_list(choice_fn(index, delta, finish, seq)):
+            yield f"data: {json.dumps({**head, 'choices': [choice], **extra})}\n\n"
     metrics.observe("completion", n_out)
     if include_usage:
         usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
         yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _as_list(x):
+    return x if isinstance(x, list) else [x]
 
 
 # ----------------------------------------------------------------------------- uvicorn

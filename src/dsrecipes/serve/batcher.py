@@ -17,7 +17,7 @@ import time
 import traceback
 
 from dsrecipes.serve.api import APIError
-from dsrecipes.serve.engine import Engine, GenParams, Sequence
+from dsrecipes.serve.engine import Engine, Sequence
 from dsrecipes.serve.loading import embed
 from dsrecipes.serve.metrics import Metrics
 
@@ -69,15 +69,17 @@ class Batcher:
             )
 
     # ------------------------------------------------------------------ asyncio side
-    async def generate(self, prompts: list[list[int]], params: GenParams, stream: bool = True):
+    async def generate(self, prompts: list[list[int]], params, stream: bool = True):
         """Async iterator of (index, delta_text, finish_reason|None, Sequence) for each prompt, interleaved;
-        stream=False: one item per prompt, when it finishes (no per-token hand-over between threads)."""
+        stream=False: one item per prompt, when it finishes (no per-token hand-over between threads).
+        params: one GenParams for every prompt, or a list with one per prompt."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(seq, delta):  # engine thread
             loop.call_soon_threadsafe(queue.put_nowait, (seq.index, delta, seq.finish_reason, seq))
 
-        seqs = [Sequence(p, params, emit, index=i, incremental=stream) for i, p in enumerate(prompts)]
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [Sequence(p, q, emit, index=i, incremental=stream) for i, (p, q) in enumerate(zip(prompts, each))]
         with self.cond:
             self._admit_check(len(seqs))
             self.inbox += seqs

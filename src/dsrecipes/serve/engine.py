@@ -47,17 +47,25 @@ class KVBatch:
         return out
 
     @torch.inference_mode()
-    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
-        """Append new rows to the batch; -> next-token logits of the new rows."""
+    def prefill(self, rows: list[list[int]], score: list | None = None):
+        """Append new rows to the batch; -> next-token logits of the new rows. score (one top-k or None per row):
+        -> (logits, per row None or prompt_scores(...) of its prompt tokens after the first)."""
         ids, mask = self._left_pad(rows)
         out = self._forward(ids, mask)
+        scored = None
+        if score is not None:
+            scored = [
+                None if k is None else prompt_scores(out.logits[i, ids.shape[1] - len(r) :], r, k)
+                for i, (r, k) in enumerate(zip(rows, score))
+            ]
         if not self.use_cache:
             self.rows += [list(r) for r in rows]
         elif self.cache is None:
             self.cache, self.mask = out.past_key_values, mask
         else:
             self._merge(out.past_key_values, mask)
-        return out.logits[:, -1].float().cpu()
+        last = out.logits[:, -1].float().cpu()
+        return last if score is None else (last, scored)
 
     def _merge(self, new_cache, new_mask):
         width = max(self.mask.shape[1], new_mask.shape[1])
@@ -98,6 +106,29 @@ class KVBatch:
         self.mask = self.mask[:, cut:]
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[sel][..., cut:, :], layer.values[sel][..., cut:, :]
+
+
+def prompt_scores(logits: torch.Tensor, ids: list[int], k: int) -> list:
+    """Logits of one unpadded row -> [(token, logprob, [(id, logprob)] * k)] for ids[1:] (teacher forced)."""
+    logp = torch.log_softmax(logits[:-1].float(), -1)
+    target = torch.tensor(ids[1:], device=logp.device)
+    chosen = logp.gather(-1, target[:, None])[:, 0].cpu().tolist()
+    if k:
+        vals, idx = logp.topk(min(k, logp.shape[-1]), -1)
+        tops = [list(zip(i, v)) for i, v in zip(idx.cpu().tolist(), vals.cpu().tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return list(zip(ids[1:], chosen, tops))
+
+
+def token_score(logits: torch.Tensor, token: int, k: int) -> tuple:
+    """One next-token logits row -> (token, logprob, [(id, logprob)] * k)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    top = []
+    if k:
+        vals, idx = logp.topk(min(k, logp.shape[-1]))
+        top = list(zip(idx.tolist(), vals.tolist()))
+    return token, float(logp[token]), top
 
 
 def supports_kv_merge(model) -> bool:
@@ -147,6 +178,8 @@ class GenParams:
     top_p: float = 1.0
     stop: list = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # top-k alternatives recorded per generated token (0: the chosen token only)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); max_tokens may then be 0
 
 
 class Sequence:
@@ -158,6 +191,8 @@ class Sequence:
         self.incremental = incremental
         self.out_ids: list[int] = []
         self.text, self.sent, self.finish_reason, self.cancelled = "", 0, None, False
+        self.logprobs: list[tuple] = []  # (token, logprob, top) per generated token, when params.logprobs is set
+        self.prompt_logprobs: list[tuple] | None = None  # the same for prompt_ids[1:], when params.prompt_logprobs
         self.gen = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
 
 
@@ -193,7 +228,13 @@ class Engine:
         room = self.max_batch - len(self.active)
         if self.waiting and room > 0:
             new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-            logits = self.kv.prefill([s.prompt_ids for s in new])
+            score = [s.params.prompt_logprobs for s in new]
+            if any(k is not None for k in score):
+                logits, scored = self.kv.prefill([s.prompt_ids for s in new], score)
+                for s, sc in zip(new, scored):
+                    s.prompt_logprobs = sc
+            else:
+                logits = self.kv.prefill([s.prompt_ids for s in new])
             self.active += new
             kind, rows = "prefill", new
         elif self.active:
@@ -202,7 +243,15 @@ class Engine:
         else:
             return {"kind": "idle", "batch": 0}
         for seq, row in zip(rows, logits):
-            self._advance(seq, _sample(row, seq.params, seq.gen))
+            if seq.params.max_tokens == 0:  # echo scoring only: nothing to generate
+                seq.finish_reason = "length"
+                if seq.emit:
+                    seq.emit(seq, "")
+                continue
+            token = _sample(row, seq.params, seq.gen)
+            if seq.params.logprobs is not None:  # EOS too: harnesses drop the last token of echo + max_tokens 1
+                seq.logprobs.append(token_score(row, token, seq.params.logprobs))
+            self._advance(seq, token)
         self._retire([i for i, s in enumerate(self.active) if s.finish_reason])
         return {"kind": kind, "batch": len(rows)}
 

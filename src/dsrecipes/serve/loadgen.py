@@ -26,7 +26,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(p) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="Server base URL (loopback only).")
-    p.add_argument("--endpoint", default="completions", choices=["completions", "embeddings"])
+    p.add_argument("--endpoint", default="completions", choices=["completions", "chat", "embeddings"])
     p.add_argument("--model", default=None, help="`model` field of each request (default: the server's default).")
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -190,12 +190,15 @@ async def one_request(client, cfg: dict, rng: random.Random) -> dict:
         if cfg["stream"]:
             body["stream_options"] = {"include_usage": True}
         path = "/v1/completions"
+        if cfg["endpoint"] == "chat":
+            body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+            path = "/v1/chat/completions"
     if cfg.get("model"):
         body["model"] = cfg["model"]
     t0 = time.perf_counter()
     rec = {"ok": False, "latency": None, "ttft": None, "completion_tokens": 0, "error": None}
     try:
-        if cfg["stream"] and path == "/v1/completions":
+        if cfg["stream"] and path != "/v1/embeddings":
             async with client.stream("POST", cfg["url"] + path, json=body, headers=headers) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
@@ -208,7 +211,8 @@ async def one_request(client, cfg: dict, rng: random.Random) -> dict:
                     if "error" in chunk:
                         rec["error"] = "stream_error"
                         return rec
-                    if rec["ttft"] is None and any(c.get("text") for c in chunk.get("choices", [])):
+                    choices = chunk.get("choices", [])
+                    if rec["ttft"] is None and any(c.get("text") or c.get("delta", {}).get("content") for c in choices):
                         rec["ttft"] = time.perf_counter() - t0
                     if chunk.get("usage"):
                         rec["completion_tokens"] = chunk["usage"]["completion_tokens"]

@@ -4,7 +4,7 @@ int8 (torch, torchao, bitsandbytes) or DeepSpeed init_inference (kernel injectio
     check_serve_args(args, "serve.yaml", world_size)        # impossible combinations -> one-line ConfigError
     lm, tok = load_lm(args)                                  # args: dsrecipes.config.args.ServeArguments
     encoder, enc_tok = load_encoder(args)
-    vectors, n_tokens = embed(encoder, enc_tok, ["a text"])  # mean-pooled, L2-normalised
+    vectors, n_tokens = embed(encoder, enc_tok, ["a text"])  # pooled as its sentence-transformers config says
 
 Shared by recipes/serve.py and benchmarks/bench_serve.py; generation itself is in dsrecipes.serve.engine.
 """
@@ -257,20 +257,32 @@ def load_encoder(args):
             "give a local encoder dir with config.json, weights and tokenizer",
         ) from None
     model.eval().requires_grad_(False)
-    return quantize(model, args.quantization), tok
+    from dsrecipes.serve.embedding import quantize_encoder, read_pooling
+
+    try:
+        pooling = read_pooling(path)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ConfigError(
+            "<args>", "embedding_model_name_or_path", str(exc), "use a model with cls, mean or max pooling"
+        ) from None
+    if args.quantization == "torch_int8_dynamic":  # per-token activation scales: batch-invariant (pitfall 19)
+        quantize_encoder(model)
+    else:
+        model = quantize(model, args.quantization)
+    model.dsrecipes_pooling = pooling
+    if os.path.isfile(
+        os.path.join(path, "sentence_bert_config.json")
+    ):  # texts truncate there, as in sentence-transformers
+        tok.model_max_length, tok.dsrecipes_truncate = pooling["max_length"], True
+    return model, tok
 
 
-@torch.inference_mode()
-def embed(model, tok, inputs, max_length: int = 512, normalize: bool = True):
-    """Mean-pooled (attention-masked) last hidden states; inputs are strings or token-id lists."""
-    rows = [x if isinstance(x, list) else tok(x, truncation=True, max_length=max_length)["input_ids"] for x in inputs]
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id or 0
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-    vec = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    return (torch.nn.functional.normalize(vec, dim=-1) if normalize else vec), sum(len(r) for r in rows)
+def embed(model, tok, inputs, max_length: int | None = None, normalize: bool | None = None):
+    """Pooled (the model's sentence-transformers pooling, else mean), L2-normalised (likewise) last hidden states;
+    inputs are strings or token-id lists. Batch-invariant: see dsrecipes.serve.embedding."""
+    from dsrecipes.serve.embedding import embed as _embed
+
+    return _embed(model, tok, inputs, max_length, normalize)
 
 
 # ----------------------------------------------------------------------------- agreement (quantized vs reference)

@@ -19,7 +19,8 @@ partitioned for the world size that wrote them, and loading them on another one 
 - the conversion runs once on rank 0 into `<checkpoint>/universal` (atomically, via a temporary directory) and is
   reused; `load_universal` is on for that one load only (compat: DeepSpeed #7546, set at save time under ZeRO-3
   it writes only rank 0's model states), and `--inject_missing_state` supplies what accelerate's checkpoints lack
-  (#5405).
+  (#5405); after a ZeRO-3 load each optimizer sub-group gets its own step counter and its own hyperparameters
+  back (compat: DeepSpeed shares one step tensor and copies param_groups[0] onto every group).
 ZeRO-0 is refused: the universal converter needs ZeRO partitions (DeepSpeed #7200).
 """
 
@@ -184,7 +185,7 @@ class ElasticPlan:
             )
         acc.wait_for_everyone()
         engine = acc.deepspeed_engine_wrapped.engine
-        with compat.load_universal_for_this_load(engine):
+        with compat.load_universal_for_this_load(engine, os.path.join(universal, ENGINE_TAG)):
             acc.load_state(universal)
         # accelerate restores its micro-batch counter (it decides which micro-batch syncs) from the old world's RNG
         # file: count it in this world's accumulation, so the next optimizer step takes a whole window again.

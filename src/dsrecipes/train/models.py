@@ -160,25 +160,35 @@ def count_parameters(model, trainable_only: bool = False) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+BLOCK_PATHS = (  # where HF causal LMs keep their decoder blocks
+    "transformer.h",  # GPT-2, GPT-J, Bloom
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi-3
+    "model.decoder.layers",  # OPT
+    "gpt_neox.layers",
+    "bert.encoder.layer",
+    "encoder.layer",
+    "h",
+    "layers",
+)
+POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")  # learned; RoPE models have none
+FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm")
+
+
+def _path(model, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def transformer_blocks(model):
-    """The ModuleList of transformer blocks of a GPT-2/Llama/BERT-style HF model."""
+    """The ModuleList of transformer blocks of a GPT-2/Llama/Qwen2/BERT-style HF model."""
     import torch
 
-    for path in (
-        "transformer.h",
-        "model.layers",
-        "model.decoder.layers",
-        "gpt_neox.layers",
-        "bert.encoder.layer",
-        "encoder.layer",
-        "h",
-        "layers",
-    ):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
+    for path in BLOCK_PATHS:
+        obj = _path(model, path)
         if isinstance(obj, torch.nn.ModuleList):
             return obj
     raise ConfigError(
@@ -187,3 +197,31 @@ def transformer_blocks(model):
         f"cannot find the transformer blocks of {type(model).__name__}",
         "use a GPT-2, Llama or BERT-style model",
     )
+
+
+def embedding_modules(model) -> list:
+    """Token embeddings, plus the learned position embeddings where the model has them (GPT-2's wpe; not RoPE)."""
+    import torch
+
+    emb = [model.get_input_embeddings()]
+    for name in POSITION_EMBEDDINGS:
+        for _, mod in model.named_modules():
+            if isinstance(getattr(mod, name, None), torch.nn.Module):
+                emb.append(getattr(mod, name))
+                break
+    return emb
+
+
+def decoder_parts(model) -> dict:
+    """Architecture-neutral view of an HF causal LM: {"blocks", "embeddings", "final_norm", "head", "tied"}.
+
+    GPT-2: transformer.h / [wte, wpe] / transformer.ln_f / lm_head; Llama, Qwen2: model.layers / [embed_tokens] /
+    model.norm / lm_head. final_norm is None where the model has none; tied says whether the head shares the
+    token embedding matrix."""
+    blocks = transformer_blocks(model)
+    base = getattr(model, "base_model", model)
+    final_norm = next((getattr(base, n) for n in FINAL_NORMS if getattr(base, n, None) is not None), None)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    embeddings = embedding_modules(model)
+    return {"blocks": blocks, "embeddings": embeddings, "final_norm": final_norm, "head": head, "tied": tied}
