@@ -103,6 +103,8 @@ def cross_check(
 
     stage = _get(ds, "zero_optimization.stage") if ds else None
     values = {"output_dir": _default(recipe, "output_dir"), **recipe}
+    if recipe_kind == "pipeline":  # `world` is its data-parallel size; EngineRun.load checks the processes itself
+        return errs
     return errs + check_resume(values, _num(stage) if ds else None, world, rpath)
 
 
