@@ -102,45 +102,63 @@ def test_the_report_lists_every_workaround():
         assert re.search(rf"^ok\s+{name}\s+{w.package} {re.escape(w.verified)}", out, re.M), (name, out)
 
 
+UNIVERSAL_SCRIPT = """
+import json, subprocess, sys, torch, deepspeed
+from dsrecipes import compat
+
+stage, tmp = int(sys.argv[1]), sys.argv[2]
+def engine():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 0.1},
+        {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0},
+    ]
+    cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0}
+    return deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=cfg)[0]
+def step(e):
+    loss = torch.nn.functional.mse_loss(e(x), y)
+    e.backward(loss)
+    e.step()
+    return loss.item()
+x, y = torch.randn(4, 16), torch.randn(4, 4)
+first = engine()
+for _ in range(3):
+    step(first)
+first.save_checkpoint(tmp, tag="t")
+subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", f"{tmp}/t",
+                "--output_folder", f"{tmp}/u", "--inject_missing_state", "--num_extract_workers", "1"],
+               check=True, capture_output=True)
+second = engine()
+with compat.load_universal_for_this_load(second, f"{tmp}/u"):
+    second.load_checkpoint(tmp, tag="u")
+print(json.dumps({
+    "flag_after": second._config.load_universal_checkpoint,
+    "first": [step(first) for _ in range(3)],
+    "second": [step(second) for _ in range(3)],
+    "weight_decay": [g["weight_decay"] for g in second.optimizer.optimizer.param_groups],
+}))
+"""
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_a_universal_load_continues_exactly_with_two_param_groups(ds_world, monkeypatch, tmp_path, stage):
+def test_a_universal_load_continues_exactly_with_two_param_groups(tmp_path, stage):
     """save -> ds_to_universal -> load with load_universal (dsrecipes.compat.load_universal_for_this_load): the next
-    optimizer step equals the uninterrupted engine's, with a decay and a no-decay group (under ZeRO-3, DeepSpeed
-    0.19.8 alone shares one `step` tensor between the groups and gives both group 0's weight decay)."""
-    import deepspeed
-    import torch
+    optimizer steps equal the uninterrupted engine's, with a decay and a no-decay group (under ZeRO-3, DeepSpeed
+    0.19.8 alone shares one `step` tensor between the groups and gives both group 0's weight decay). A child
+    process: a world of one with its own DeepSpeed groups."""
+    import json
 
-    for k, v in ds_world.items():  # DeepSpeed's engine reads LOCAL_RANK & co.: for this test only
-        monkeypatch.setenv(k, v)
+    from conftest import free_port
 
-    def engine():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
-        groups = [
-            {"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 0.1},
-            {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0},
-        ]
-        cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0}
-        return deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=cfg)[0]
-
-    def step(e):
-        loss = torch.nn.functional.mse_loss(e(x), y)
-        e.backward(loss)
-        e.step()
-        return loss.item()
-
-    x, y = torch.randn(4, 16), torch.randn(4, 4)
-    first = engine()
-    for _ in range(3):
-        step(first)
-    first.save_checkpoint(str(tmp_path), tag="t")
-    out = tmp_path / "u"
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tmp_path / "t")]
-    cmd += ["--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1"]
-    subprocess.run(cmd, check=True, capture_output=True, env=child_env())
-    second = engine()
-    with compat.load_universal_for_this_load(second, str(out)):
-        second.load_checkpoint(str(tmp_path), tag="u")
-    assert not second._config.load_universal_checkpoint  # off again before any save (DeepSpeed #7546)
-    assert [step(first) for _ in range(3)] == [step(second) for _ in range(3)]
-    assert [g["weight_decay"] for g in second.optimizer.optimizer.param_groups] == [0.1, 0.0]
+    script = tmp_path / "universal.py"
+    script.write_text(UNIVERSAL_SCRIPT)
+    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(stage), str(tmp_path / "ckpt")], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["flag_after"] is False  # off again before any save (DeepSpeed #7546)
+    assert out["first"] == out["second"]
+    assert out["weight_decay"] == [0.1, 0.0]
