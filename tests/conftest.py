@@ -24,6 +24,36 @@ from dsrecipes.launching import (  # noqa: F401  (re-exported: tests import thes
 )
 
 TINY = "configs/recipes/train_tiny_zero2.yaml"
+TINY_RUN = {  # the short tiny-model run most launch tests share: 8 steps, logged every step, a small corpus
+    "max_steps": 8,
+    "logging_steps": 1,
+    "eval_steps": 4,
+    "save_steps": 4,
+    "report_to": "none",
+    "per_device_train_batch_size": 4,
+    "generated_docs": 300,
+    "eval_docs": 40,
+    "warmup_steps": 2,
+}
+
+
+def tiny_run(config: str = TINY, **overrides) -> list[str]:
+    """Recipe flags for TINY_RUN (`--config` first), with `overrides` replacing or adding values in place."""
+    flags = ["--config", config]
+    for key, value in {**TINY_RUN, **overrides}.items():
+        flags += [f"--{key}", str(value)]
+    return flags
+
+
+# A valid DeepSpeed JSON with every value left to "auto" (tests/test_check.py, tests/test_bad_configs.py).
+DS_OK = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 2},
+}
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -12,19 +12,11 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import ACCELERATE, BIN, DS_YAML, ROOT, TINY, child_env
+from conftest import ACCELERATE, BIN, DS_OK, DS_YAML, ROOT, TINY, child_env
 from dsrecipes.config.args import EXPONENT_FLOAT, FLOAT_FIRST
 from dsrecipes.config.check import lint_files
 from dsrecipes.config.validate import ds_top_keys
 
-DS_OK = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "train_batch_size": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "bf16": {"enabled": "auto"},
-    "zero_optimization": {"stage": 2},
-}
 UNKNOWN = "unknown DeepSpeed key; remove it or fix the spelling (see the DeepSpeed config docs)"
 ONE_OF = "pick one of those"
 

@@ -10,17 +10,8 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, child_env
+from conftest import BIN, DS_OK, ROOT, child_env
 from dsrecipes.config.check import lint_files
-
-DS_OK = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "train_batch_size": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "bf16": {"enabled": "auto"},
-    "zero_optimization": {"stage": 2},
-}
 
 
 def write(tmp_path, name, data):

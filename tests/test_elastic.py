@@ -16,13 +16,11 @@ import os
 
 import pytest
 
-from conftest import TINY, launch_cmd, read_jsonl, run, summary
+from conftest import TINY, launch_cmd, read_jsonl, run, summary, tiny_run
 from dsrecipes.launching import BIN
 
 STEPS, PREEMPT = 8, 3
-ARGS = ["--config", TINY, "--max_steps", str(STEPS), "--logging_steps", "1", "--eval_steps", str(STEPS)]
-ARGS += ["--save_steps", "100", "--report_to", "none", "--per_device_train_batch_size", "4"]
-ARGS += ["--generated_docs", "300", "--eval_docs", "40", "--warmup_steps", "2"]
+ARGS = tiny_run(max_steps=STEPS, eval_steps=STEPS, save_steps=100)
 # (stage, processes before, processes after, mixed precision): ZeRO 1, 2 and 3 both ways, bf16 included.
 CASES = [("zero2", 2, 1, "no"), ("zero3", 1, 2, "no"), ("zero1", 2, 1, "bf16")]
 _straight: dict = {}

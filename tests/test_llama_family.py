@@ -13,34 +13,13 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, TINY, launch_cmd, read_jsonl, run, summary, train_curve
+from conftest import ROOT, launch_cmd, read_jsonl, run, summary, tiny_run, train_curve
 
 LLAMA = "configs/models/tiny_llama.json"
 UNTIED = "configs/models/tiny_llama_untied.json"
 QWEN2 = "configs/models/tiny_qwen2.json"
 STEPS = 8
-COMMON = [
-    "--config",
-    TINY,
-    "--max_steps",
-    str(STEPS),
-    "--logging_steps",
-    "1",
-    "--eval_steps",
-    "4",
-    "--save_steps",
-    "8",
-    "--report_to",
-    "none",
-    "--per_device_train_batch_size",
-    "4",
-    "--generated_docs",
-    "300",
-    "--eval_docs",
-    "40",
-    "--warmup_steps",
-    "2",
-]
+COMMON = tiny_run(save_steps=8)
 # name -> (model config, DeepSpeed JSON, extra args, zero3_init_flag)
 RUNS = {
     "zero0": (LLAMA, "zero0", [], False),

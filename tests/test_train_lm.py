@@ -13,31 +13,10 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY, launch_cmd, read_jsonl, run, summary, train_curve
+from conftest import ROOT, TINY, launch_cmd, read_jsonl, run, summary, tiny_run, train_curve
 
 STEPS = 8
-COMMON = [
-    "--config",
-    TINY,
-    "--max_steps",
-    str(STEPS),
-    "--logging_steps",
-    "1",
-    "--eval_steps",
-    "4",
-    "--save_steps",
-    "4",
-    "--report_to",
-    "none",
-    "--per_device_train_batch_size",
-    "4",
-    "--generated_docs",
-    "300",
-    "--eval_docs",
-    "40",
-    "--warmup_steps",
-    "2",
-]
+COMMON = tiny_run()
 STAGES = ["zero0", "zero1", "zero2", "zero3", "zero2_offload"]
 _runs: dict = {}
 

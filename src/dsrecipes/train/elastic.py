@@ -105,20 +105,30 @@ def stage_refusal(path: str, saved: dict, now: int, stage, where: str) -> Config
     )
 
 
+def written_elsewhere(output_dir: str, resume_from: str | None, now: int) -> tuple[str, dict] | None:
+    """(checkpoint, its writer's world) when --resume_from names a checkpoint written with batch records by another
+    number of processes than `now`; None otherwise (nothing to resume, the same world, an older checkpoint)."""
+    from dsrecipes.train.checkpoints import find_checkpoint, read_state
+
+    path = find_checkpoint(output_dir, resume_from) if resume_from else None
+    if path is None:
+        return None
+    saved = saved_world(path, read_state(path))
+    return None if not saved.get("global_batch") or saved["processes"] == now else (path, saved)
+
+
 def check_resume(values: dict, stage, now: int | None, where: str) -> list[ConfigError]:
     """`dsrecipes check` and the start-up check: can --resume_from be resumed on `now` processes? [] when it can,
     when nothing is resumed, or when the world is unknown."""
-    from dsrecipes.train.checkpoints import find_checkpoint, read_state
-
     if not values.get("resume_from") or not now or not values.get("output_dir"):
         return []
     try:
-        path = find_checkpoint(values["output_dir"], values["resume_from"])
+        found = written_elsewhere(values["output_dir"], values["resume_from"], int(now))
     except ConfigError as exc:
         return [exc]
-    saved = saved_world(path, read_state(path)) if path else {}
-    if not saved.get("global_batch") or saved["processes"] == now:
+    if found is None:
         return []
+    path, saved = found
     errs = []
     try:
         accumulation_for(saved, int(values.get("per_device_train_batch_size") or 1), int(now), where)
@@ -131,15 +141,11 @@ def check_resume(values: dict, stage, now: int | None, where: str) -> list[Confi
 def keep_global_batch(args, where: str) -> None:
     """Before the Accelerator exists: if --resume_from finds a checkpoint written by another number of processes, set
     gradient_accumulation_steps so that the global batch stays the one in the checkpoint, or refuse in one line."""
-    from dsrecipes.train.checkpoints import find_checkpoint, read_state
-
-    path = find_checkpoint(args.output_dir, args.resume_from) if args.resume_from else None
-    if path is None:
-        return
-    saved = saved_world(path, read_state(path))
     now = int(os.environ.get("WORLD_SIZE", "1"))
-    if not saved.get("global_batch") or saved["processes"] == now:
+    found = written_elsewhere(args.output_dir, args.resume_from, now)
+    if found is None:
         return
+    saved = found[1]
     ga = accumulation_for(saved, int(args.per_device_train_batch_size), now, where)
     if ga != args.gradient_accumulation_steps and os.environ.get("RANK", "0") == "0":
         print(
