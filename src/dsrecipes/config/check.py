@@ -187,9 +187,7 @@ def check_run(accelerator, args, config_path: str | None) -> None:
         on_cpu=accelerator.device.type == "cpu",
     )
     if errs:
-        if not accelerator.is_main_process:  # rank 0 prints each line once; the others exit quietly
-            raise SystemExit(2)
-        raise ConfigErrors(errs)
+        raise ConfigErrors(errs)  # every rank; exit_on_config_error prints the lines once, on rank 0
 
 
 def shipped_configs(root: str = "configs") -> list[tuple[str | None, str | None, str | None]]:

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import time
+
+# A rank other than 0 that hits the same error waits this long for the launcher to end it (torch elastic sends
+# SIGTERM once rank 0 has exited 2), so that rank 0 prints the line and is named as the root cause. Exiting at once
+# raced rank 0: the launcher could SIGTERM rank 0 before it printed, or name rank 1's exit (or a gloo SIGABRT at
+# its teardown) as the failure. A rank still alive after the wait failed on its own, and prints its own lines.
+QUIET_RANK_WAIT_S = 30.0
 
 
 class ConfigError(Exception):
@@ -31,19 +39,35 @@ class ConfigErrors(Exception):
 
 
 def exit_on_config_error(fn):
-    """Decorator for recipe main(): print each ConfigError as one line and exit 2."""
+    """Decorator for recipe main(): print each ConfigError as one line and exit 2.
+
+    Launched, every rank fails alike: rank 0 prints, the other ranks wait (QUIET_RANK_WAIT_S) to be ended."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        loud = os.environ.get("RANK", "0") == "0"  # launched: every rank fails alike, rank 0 says so once
         try:
             return fn(*args, **kwargs)
         except ConfigErrors as exc:
-            for err in exc.errors if loud else []:
-                print(err.line(), file=sys.stderr, flush=True)
+            lines = [err.line() for err in exc.errors]
         except ConfigError as exc:
-            if loud:
-                print(exc.line(), file=sys.stderr, flush=True)
+            lines = [exc.line()]
+        if os.environ.get("RANK", "0") != "0":
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the loop's preemption handler must not catch this one
+            time.sleep(QUIET_RANK_WAIT_S)
+        _leave_process_group()
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
         sys.exit(2)
 
     return wrapper
+
+
+def _leave_process_group():
+    """Tear the process group down before exit, so that no peer sees a half-closed gloo connection."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting on a config error anyway; the one error line matters more
+        pass

@@ -182,7 +182,8 @@ class RunLock:
 
 def lock_output_dir(acc, output_dir: str) -> RunLock | None:
     """Rank 0 takes output_dir/.lock; every rank learns whether it did (one collective). Refused: rank 0 raises the
-    ConfigError (its one `error:` line), the other ranks exit 2 silently. Returns the lock on rank 0, else None."""
+    ConfigError (its one `error:` line), the other ranks raise one that exit_on_config_error keeps quiet. Returns the
+    lock on rank 0, else None."""
     import sys
 
     import torch
@@ -205,5 +206,5 @@ def lock_output_dir(acc, output_dir: str) -> RunLock | None:
     if error is not None:
         raise error
     if refused:
-        raise SystemExit(2)
+        raise ConfigError(os.path.join(output_dir, LOCK_NAME), "output_dir", "refused on rank 0", "see rank 0's line")
     return lock
