@@ -52,7 +52,7 @@ style: setup  ## ruff: fix what it can and reformat
 	$(BIN)/ruff format $(LINT_PATHS)
 
 test: setup lint  ## lint, then run the whole CPU test suite
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=40
 
 test-fast: setup  ## unit tests only (no multi-process launches)
 	$(BIN)/python -m pytest tests -q -m "not slow and not slurm"
@@ -60,6 +60,14 @@ test-fast: setup  ## unit tests only (no multi-process launches)
 train: setup  ## train the tiny default (2 CPU procs, ZeRO-2) and print where the outputs are
 	$(call PRECHECK,$(RECIPE),$(DS))
 	$(LAUNCH) recipes/train_lm.py --config $(RECIPE) $(ARGS)
+
+.PHONY: sft
+SFT_RECIPE ?= configs/recipes/sft_tiny.yaml
+SFT_BASE ?= outputs/train_tiny_zero2/final
+sft: setup  ## chat fine-tuning (SFT) of the `make train` model; runs `make train` first if its final/ is missing
+	@test -d $(SFT_BASE) || $(MAKE) train RECIPE=configs/recipes/train_tiny_zero2.yaml DS= ARGS=
+	$(call PRECHECK,$(SFT_RECIPE),$(DS))
+	$(LAUNCH) recipes/sft.py --config $(SFT_RECIPE) $(ARGS)
 
 check: setup  ## lint every shipped config with dsrecipes check
 	$(BIN)/dsrecipes check --all

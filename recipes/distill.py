@@ -102,7 +102,8 @@ def main(args, where):
 
     # ------------------------------------------------------------------ summary
     summary = distill_summary(args, info, done, scratch, loop.preempted)
-    summary.update(facts, unigram_entropy=data_info["unigram_entropy"], resumed_from=session.resume_path)
+    summary.update(facts, unigram_entropy=data_info["unigram_entropy"], entropy_rate=data_info["entropy_rate"])
+    summary.update(resumed_from=session.resume_path)
     summary["wall_time_s"] = time.time() - t_start
     session.log.summary(summary)
     accelerator.end_training()

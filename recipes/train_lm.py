@@ -22,6 +22,7 @@ from dsrecipes.config import check
 from dsrecipes.config.args import recipe_main
 from dsrecipes.freezing.freezer import Freezer
 from dsrecipes.memory import activation_checkpointing, measure
+from dsrecipes.train import lora
 from dsrecipes.train.accelerator import (
     fill_deepspeed_from_recipe,
     make_accelerator,
@@ -55,10 +56,13 @@ def main(args, where):
     model = build_causal_lm(args, tokenizer, accelerator=accelerator)
     ckpt_info = activation_checkpointing.apply_activation_checkpointing(model, args, accelerator)
     freezer = Freezer(model, args, accelerator, resumed=session.resumed_freezer())  # freeze_* keys, prefix cache
+    model, lora_info = lora.apply_lora(model, args, where)  # lora_r > 0: frozen base + peft adapters (QLoRA: nf4)
     optimizer = build_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     train_dl, eval_dl = make_dataloaders(train_ds, eval_ds, args)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    if lora_info:
+        session.ckpt.trainable_only(accelerator.unwrap_model(model))  # the adapter and its optimizer state only
     probe = measure.StepProbe(model, optimizer)  # memory: activation bytes of the first micro-batch, states at its step
 
     # ------------------------------------------------------------------ train (resumes from the checkpoint if any)
@@ -68,17 +72,22 @@ def main(args, where):
     # ------------------------------------------------------------------ export and summary
     final_dir = None
     if not loop.preempted and args.export_final:
-        final_dir = export_final(accelerator, model, tokenizer, os.path.join(args.output_dir, "final"))
+        if lora_info:  # lora_export: merged final/ (gathered, adapter merged in) and/or final_adapter/ (peft)
+            final_dir = lora.export(accelerator, model, tokenizer, args)
+        else:
+            final_dir = export_final(accelerator, model, tokenizer, os.path.join(args.output_dir, "final"))
     summary = {
         "recipe": "train_lm",
         **loop.summary(),
         **run_facts(accelerator, args, model),
         "unigram_entropy": data_info["unigram_entropy"],
+        "entropy_rate": data_info["entropy_rate"],  # the generated language's optimum (None for other data)
         "train_blocks": data_info["train_blocks"],
         "wall_time_s": time.time() - t_start,
         "final_dir": final_dir,
         "memory": measure.measure(model, optimizer, accelerator, probe),
         "activation_checkpointing": ckpt_info,
+        "lora": lora_info,
     }
     session.log.summary(summary)
     accelerator.end_training()
@@ -91,12 +100,16 @@ def main(args, where):
         mfu = "n/a" if summary["mfu"] is None else f"{summary['mfu']:.2%}"
         print(
             f"{what}: loss {first:.3f} -> {last:.3f}, eval loss {ev} (unigram entropy "
-            f"{data_info['unigram_entropy']:.3f}), MFU {mfu}; outputs in {os.path.abspath(args.output_dir)}"
-            + (f"; model in {final_dir}" if final_dir else "")
+            f"{data_info['unigram_entropy']:.3f}{_optimum(data_info)}), MFU {mfu}; outputs in "
+            f"{os.path.abspath(args.output_dir)}" + (f"; model in {final_dir}" if final_dir else "")
         )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _optimum(info) -> str:
+    return "" if info["entropy_rate"] is None else f", entropy rate {info['entropy_rate']:.3f}"
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def main(args, where):
         "recipe": "train_pipeline",
         **loop.summary(),
         "unigram_entropy": data_info["unigram_entropy"],
+        "entropy_rate": data_info["entropy_rate"],
         "train_blocks": data_info["train_blocks"],
         "eval_micro_batches": len(eval_batches),
         "world_size": settings.world,

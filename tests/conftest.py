@@ -23,6 +23,13 @@ from dsrecipes.launching import (  # noqa: F401  (re-exported: tests import thes
     torchrun_cmd,
 )
 
+# What `make test` exports (Makefile), set here too (before any test module imports huggingface_hub), so that a bare
+# `pytest tests` behaves the same: huggingface_hub reads HF_HUB_OFFLINE once, at its import, and without it an
+# in-process lookup of a missing model retries the closed network for ~20 s
+# (tests/test_planner.py::test_bad_input_is_one_line[argv6]: 23 s, 2 s with it).
+for _key, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_key, _value)
+
 TINY = "configs/recipes/train_tiny_zero2.yaml"
 TINY_RUN = {  # the short tiny-model run most launch tests share: 8 steps, logged every step, a small corpus
     "max_steps": 8,
@@ -43,6 +50,40 @@ def tiny_run(config: str = TINY, **overrides) -> list[str]:
     for key, value in {**TINY_RUN, **overrides}.items():
         flags += [f"--{key}", str(value)]
     return flags
+
+
+def dsrecipes_cli(*argv: str):
+    """`dsrecipes ARGV` through dsrecipes.cli.main (the console script is sys.exit(main())), in this process: the
+    same exit code, stdout and stderr, without a fresh interpreter importing torch, transformers and DeepSpeed
+    (6-20 s a call on 2 cores). An exception that would be a traceback there fails the test here.
+    tests/test_check.py keeps one real `dsrecipes check` process for the console script itself."""
+    import contextlib
+    import io
+    import types
+
+    from dsrecipes import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+# The preemption tests' run (tests/test_train_lm.py SIGUSR1, tests/test_faults.py Ctrl-C): 2 ranks, ZeRO-2, 40 steps,
+# no checkpoint or eval but the one the signal asks for; both compare their resumed curve with one straight run.
+PREEMPT_RUN = tiny_run(max_steps=40, save_steps=100, eval_steps=100)
+
+
+@pytest.fixture(scope="session")
+def straight_preempt_run(tmp_path_factory) -> str:
+    """PREEMPT_RUN uninterrupted (output_dir), launched once for every test that resumes a preempted PREEMPT_RUN."""
+    out = str(tmp_path_factory.mktemp("straight_preempt") / "run")
+    args = PREEMPT_RUN + ["--output_dir", out]
+    run(launch_cmd("recipes/train_lm.py", args, deepspeed="configs/deepspeed/zero2.json"), timeout=900)
+    return out
 
 
 # A valid DeepSpeed JSON with every value left to "auto" (tests/test_check.py, tests/test_bad_configs.py).

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import BIN, DS_OK, ROOT, child_env
+from conftest import BIN, DS_OK, ROOT, child_env, dsrecipes_cli
 from dsrecipes.config.check import lint_files
 
 
@@ -21,6 +21,7 @@ def write(tmp_path, name, data):
 
 
 def cli(*args):
+    """`dsrecipes check ARGS` as its own process: the console script, its exit code and its stderr."""
     return subprocess.run(
         [os.path.join(BIN, "dsrecipes"), "check", *args],
         cwd=ROOT,
@@ -31,12 +32,17 @@ def cli(*args):
     )
 
 
+def cli_in_process(*args):
+    """`dsrecipes check ARGS` in this process (conftest.dsrecipes_cli): same exit code, stdout and stderr."""
+    return dsrecipes_cli("check", *args)
+
+
 def lines(errs):
     return [e.line() for e in errs]
 
 
 def test_every_shipped_config_passes():
-    proc = cli("--all")
+    proc = cli_in_process("--all")
     assert proc.returncode == 0, proc.stderr
     assert "no problems" in proc.stdout
     n = len(
@@ -180,10 +186,12 @@ def test_cli_and_a_real_run_read_unquoted_3e_4_as_the_float(tmp_path):
     assert "\nlearning_rate: 3e-4\n" in text
     rec = tmp_path / "r.yaml"
     rec.write_text(text)
-    proc = cli("--recipe", str(rec))
+    proc = cli_in_process("--recipe", str(rec))
     assert proc.returncode == 0 and "no problems" in proc.stdout, proc.stderr
     out = tmp_path / "o"
     flags = ["--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2", "--report_to", "none"]
+    # the lr is the point, not the corpus or the export: a small corpus (not the default 2000 + 200 documents)
+    flags += ["--generated_docs", "300", "--eval_docs", "40", "--export_final", "false"]
     run([sys.executable, "recipes/train_lm.py", "--config", str(rec), "--output_dir", str(out), *flags], timeout=300)
     logged = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert [r["lr"] for r in logged if "lr" in r] == [3e-4, 3e-4]

@@ -1,6 +1,6 @@
 """Every shipped config is launched by a test, or is a GPU template that `dsrecipes check` passes.
 
-Run: .venv/bin/python -m pytest tests/test_configs.py -q    (the meta-test: a second; the check: ~30 s)
+Run: .venv/bin/python -m pytest tests/test_configs.py -q    (seconds: the meta-test and the checks, in process)
 A config under configs/{accelerate,deepspeed,recipes}/ counts as launched when a test file under tests/ (or the
 test launcher, src/dsrecipes/launching.py, whose default accelerate YAML every launch_cmd uses) names it: by its
 file name (`configs/deepspeed/zero3.json`), or by its stem as a quoted string (`STAGES = ["zero0", ...]` feeding
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT, child_env
-from test_check import header_launch
+from conftest import ROOT
+from test_check import cli_in_process, header_launch
 
 CONFIG_DIRS = ("accelerate", "deepspeed", "recipes")
 GPU_TEMPLATES = {
@@ -96,12 +95,7 @@ def test_gpu_template_passes_dsrecipes_check(path):
     if kind == "recipes":
         for key, file in header_launch(os.path.join(ROOT, path)).items():
             args += [f"--{key}", os.path.relpath(file, ROOT)]
-    proc = subprocess.run(
-        [os.path.join(BIN, "dsrecipes"), "check", *args],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    # in this process (dsrecipes.cli.main, what the console script runs): a fresh `dsrecipes check` interpreter
+    # spent 3-19 s per template importing torch/transformers/DeepSpeed; tests/test_check.py keeps one CLI run
+    proc = cli_in_process(*args)
     assert proc.returncode == 0 and "no problems" in proc.stdout, (args, proc.stdout, proc.stderr[-2000:])

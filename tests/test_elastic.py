@@ -16,8 +16,7 @@ import os
 
 import pytest
 
-from conftest import TINY, launch_cmd, read_jsonl, run, summary, tiny_run
-from dsrecipes.launching import BIN
+from conftest import TINY, dsrecipes_cli, launch_cmd, read_jsonl, run, summary, tiny_run
 
 STEPS, PREEMPT = 8, 3
 ARGS = tiny_run(max_steps=STEPS, eval_steps=STEPS, save_steps=100)
@@ -131,10 +130,9 @@ def test_refusals_are_one_line_before_anything_loads(tmp_path):
         (zero0, "zero0", "universal checkpoints need ZeRO 1-3 (DeepSpeed #7200)"),
         (odd, "zero2", "gradient_accumulation_steps: the checkpoint's global batch 4"),
     ]:
-        proc = run(
-            [os.path.join(BIN, "dsrecipes"), "check", *acc, "--deepspeed", f"configs/deepspeed/{ds}.json", "--"]
-            + ["--output_dir", out, "--resume_from", "latest", "--per_device_train_batch_size", "4"],
-            check=False,
+        proc = dsrecipes_cli(  # in this process: the same main() as the console script, no interpreter start-up
+            *["check", *acc, "--deepspeed", f"configs/deepspeed/{ds}.json", "--"],
+            *["--output_dir", out, "--resume_from", "latest", "--per_device_train_batch_size", "4"],
         )
         assert proc.returncode == 2 and len(_errors(proc)) == 1 and expect in _errors(proc)[0], proc.stderr
         assert "Traceback" not in proc.stderr
@@ -155,25 +153,30 @@ def test_checkpoint_command_inspects_converts_and_exports(tmp_root, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out, _ = _elastic_run(tmp_root, "zero3", 1, 2, "no")
-    cli = [os.path.join(BIN, "dsrecipes"), "checkpoint"]
-    facts = json.loads(run(cli + ["inspect", out, "--json"]).stdout)  # an output_dir: its latest checkpoint
+
+    def cli(*argv, check=True):  # `dsrecipes checkpoint ARGV` in this process (conftest.dsrecipes_cli)
+        proc = dsrecipes_cli("checkpoint", *argv)
+        assert not check or proc.returncode == 0, (argv, proc.stderr[-2000:])
+        return proc
+
+    facts = json.loads(cli("inspect", out, "--json").stdout)  # an output_dir: its latest checkpoint
     assert facts["checkpoint"].endswith(f"step_{STEPS:08d}") and facts["step"] == STEPS
     assert facts["world"]["processes"] == 2 and facts["world"]["zero_stage"] == 3
     assert facts["world"]["gradient_accumulation_steps"] == 1 and facts["world"]["global_batch"] == 8
     states = facts["states"]
     assert states["optimizer_shards"] == 2 and states["rng_ranks"] == 2 and states["model_weights"]
     assert states["lr_scheduler"] and states["model_config"] and not states["universal_copy"]
-    text = run(cli + ["inspect", os.path.join(out, "checkpoints", f"step_{PREEMPT:08d}")]).stdout
+    text = cli("inspect", os.path.join(out, "checkpoints", f"step_{PREEMPT:08d}")).stdout
     assert "written by 1 process(es), ZeRO-3, no: global batch 8 = 4 x 2 accumulation x 1" in text
     assert "universal copy yes" in text  # the resume converted it
 
     ckpt = facts["checkpoint"]
-    assert run(cli + ["convert", out]).stdout.strip() == f"converted: {ckpt}/universal"
-    assert run(cli + ["convert", ckpt]).stdout.strip() == f"cached: {ckpt}/universal"
+    assert cli("convert", out).stdout.strip() == f"converted: {ckpt}/universal"
+    assert cli("convert", ckpt).stdout.strip() == f"cached: {ckpt}/universal"
     assert os.path.isdir(os.path.join(ckpt, "universal", "pytorch_model", "zero"))
 
     hf = str(tmp_path / "hf")
-    assert f"exported step {STEPS}" in run(cli + ["export", out, hf]).stdout
+    assert f"exported step {STEPS}" in cli("export", out, hf).stdout
     exported = AutoModelForCausalLM.from_pretrained(hf)
     final = AutoModelForCausalLM.from_pretrained(os.path.join(out, "final"))  # the run's own export, same step
     a, b = exported.state_dict(), final.state_dict()
@@ -181,5 +184,5 @@ def test_checkpoint_command_inspects_converts_and_exports(tmp_root, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
     ids = torch.arange(32).reshape(1, 32)
     assert torch.equal(exported(ids).logits, final(ids).logits)
-    bad = run(cli + ["inspect", str(tmp_path)], check=False)
+    bad = cli("inspect", str(tmp_path), check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1

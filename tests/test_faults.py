@@ -25,7 +25,7 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT, TINY, child_env, launch_cmd, run, summary, train_curve
+from conftest import PREEMPT_RUN, ROOT, TINY, child_env, launch_cmd, run, summary, train_curve
 from dsrecipes.config.errors import ConfigError
 from dsrecipes.train import lock as lockmod
 from dsrecipes.train.lock import LOCK_NAME, RunLock, read_holder, stale_reason
@@ -206,10 +206,10 @@ def test_stopflag_catches_sigint_sigterm_sigusr1():
 ARGS = ["--config", TINY, "--generated_docs", "200", "--eval_docs", "20", "--report_to", "none", "--logging_steps", "1"]
 
 
-def _start(out, *extra):
+def _start(out, *extra, args=ARGS, deepspeed=None):
     """The launcher in a new session (its own process group); output to files (a full pipe would block the ranks)."""
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    cmd = launch_cmd("recipes/train_lm.py", ARGS + ["--output_dir", out, *extra])
+    cmd = launch_cmd("recipes/train_lm.py", args + ["--output_dir", out, *extra], deepspeed=deepspeed)
     logs = open(out + ".stdout", "w"), open(out + ".stderr", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=logs[0], stderr=logs[1], start_new_session=True)
     for fh in logs:
@@ -301,12 +301,13 @@ def test_kill9_launcher_ends_ranks_second_run_refused_third_takes_over(tmp_path)
 
 
 @pytest.mark.slow
-def test_ctrl_c_checkpoints_and_resume_matches_straight_run(tmp_path):
-    steps = ["--max_steps", "40", "--save_steps", "100", "--eval_steps", "100"]
-    straight = str(tmp_path / "straight")
-    run(launch_cmd("recipes/train_lm.py", ARGS + ["--output_dir", straight, *steps]), timeout=600)
+def test_ctrl_c_checkpoints_and_resume_matches_straight_run(tmp_path, straight_preempt_run):
+    # conftest.PREEMPT_RUN (2 ranks, ZeRO-2, 40 steps): its straight run is shared with tests/test_train_lm.py's
+    # SIGUSR1 test, one launch fewer; the yaml's ZeRO-2 JSON is named explicitly, as there
+    ds = "configs/deepspeed/zero2.json"
+    straight = straight_preempt_run
     out = str(tmp_path / "interrupted")
-    proc = _start(out, *steps)
+    proc = _start(out, args=PREEMPT_RUN, deepspeed=ds)
     try:
         _wait_training(proc, out)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to the whole foreground group
@@ -324,6 +325,9 @@ def test_ctrl_c_checkpoints_and_resume_matches_straight_run(tmp_path):
     assert not os.path.exists(os.path.join(out, LOCK_NAME))  # released at the preempted exit
     # the launcher (torch elastic) re-raises the SIGINT it got as SignalException: exit code 1, not ours to set
     assert proc.returncode == 1, proc.returncode
-    run(launch_cmd("recipes/train_lm.py", ARGS + ["--output_dir", out, *steps, "--resume_from", "latest"]), timeout=600)
+    run(
+        launch_cmd("recipes/train_lm.py", PREEMPT_RUN + ["--output_dir", out, "--resume_from", "latest"], deepspeed=ds),
+        timeout=600,
+    )
     assert train_curve(out) == train_curve(straight)
     assert summary(out)["status"] == "completed"

@@ -17,6 +17,8 @@ from test_check import cli, lines, write
 # ---------------------------------------------------------------------------- the rule table (config/rules.py)
 # One bad combination per refusing rule: (DeepSpeed JSON, recipe YAML, accelerate YAML or None)
 REFUSED = {
+    "lora_freezing": ({"zero_optimization": {"stage": 2}}, {"lora_r": 8, "freeze_first_n_blocks": 1}, None),
+    "qlora_zero3": ({"zero_optimization": {"stage": 3}}, {"lora_r": 8, "lora_quantize": "nf4"}, None),
     "zero3_frozen_reentrant": (
         {"zero_optimization": {"stage": 3}},
         {"freeze_first_n_blocks": 2, "gradient_checkpointing": "full", "gradient_checkpointing_reentrant": True},

@@ -191,15 +191,16 @@ def test_resaving_a_step_swaps_it_atomically(tmp_path):
     assert sorted(os.listdir(ck.root)) == ["latest", "step_00000004"]
 
 
-def test_sigusr1_checkpoints_and_resume_matches_straight_run(tmp_root):
+@pytest.mark.slow  # 2-rank launches (it had no mark: `make test-fast` ran it)
+def test_sigusr1_checkpoints_and_resume_matches_straight_run(tmp_root, straight_preempt_run):
     import psutil
 
-    from conftest import child_env
+    from conftest import PREEMPT_RUN, child_env
 
-    long = ["--max_steps", "40", "--save_steps", "100", "--eval_steps", "100"]
-    straight = train(tmp_root, "zero2", 2, *long)
+    # the straight 40-step run is shared with tests/test_faults.py's Ctrl-C test (conftest.straight_preempt_run)
+    straight = straight_preempt_run
     out = os.path.join(tmp_root, "preempted")
-    base = COMMON + ["--output_dir", out, *long]
+    base = PREEMPT_RUN + ["--output_dir", out]
     cmd = launch_cmd("recipes/train_lm.py", base, deepspeed="configs/deepspeed/zero2.json")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(out, "metrics.jsonl")

@@ -145,6 +145,12 @@ WORKAROUNDS: dict[str, Workaround] = {
         "hyperparameters (weight_decay, betas, ...) onto every group; each state gets its own step and each group "
         "its own saved hyperparameters back",
     ),
+    "deepspeed_exclude_frozen_tied": Workaround(
+        "deepspeed", "0.19.8", "no upstream issue found", "exclude_frozen_parameters keeps frozen tied aliases"
+    ),
+    "bnb_cpu_packed_4bit": Workaround(
+        "bitsandbytes", "0.50.2", "no upstream issue found", "CPU 4-bit eval packing breaks training: disabled"
+    ),
 }
 _warned: set[str] = set()
 

@@ -210,12 +210,77 @@ def render(runs: list[dict] | None = None) -> str:
         for a in AXES[axis_a]:
             row = [_cell_md(*cells[(a, b)]) for b in AXES[axis_b]]
             lines.append(f"| {LABELS[a]} | " + " | ".join(row) + " |")
+    lines += _lora_md()
     lines += ["", "## The rules", "", "| rule | concerns | refused | reason; fix | upstream |", "|---|---|---|---|---|"]
     for r in rules.RULES:
         concerns = "; ".join(f"{k} {_values(v)}" for k, v in r.concerns.items())
         refused = "yes" if r.refused else "no (note)"
         lines.append(f"| `{r.id}` | {concerns} | {refused} | {r.problem}; {r.fix} | {r.issue or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the LoRA rows
+LORA_TEST = "tests/test_lora.py"
+_DDP, _Z0, _Z2, _Z3, _QLORA = (
+    "test_ddp_lora_exports_merged_and_adapter_and_the_server_loads_it",
+    "test_zero0_state_bytes_scale_with_the_adapter_not_the_model",
+    "test_zero2_lora_preempted_and_resumed_equals_the_straight_run",
+    "test_zero3_init_lora_reentrant_8bit_exports_gathered_weights",
+    "test_qlora_nf4_one_process_resumes_exactly_and_exports_dequantized_merge",
+)
+# (row label, the settings besides LoRA, the test of tests/test_lora.py that runs LoRA with it, or None)
+LORA_ROWS: list[tuple[str, dict, str | None]] = [
+    ("plain DDP", {"zero": None}, _DDP),
+    ("ZeRO-0", {"zero": 0}, _Z0),
+    ("ZeRO-1", {"zero": 1}, None),
+    ("ZeRO-2", {"zero": 2}, _Z2),
+    ("ZeRO-3 (zero3_init_flag: true)", {"zero": 3}, _Z3),
+    ("ZeRO-2 offload", {"zero": 2, "offload": "cpu"}, None),
+    ("ZeRO-3 offload", {"zero": 3, "offload": "cpu", "offload_param": "cpu"}, None),
+    ("HF full (reentrant), ZeRO-3", {"zero": 3, "checkpointing": "hf_full_reentrant"}, _Z3),
+    ("HF non-reentrant, ZeRO-2", {"zero": 2, "checkpointing": "hf_full"}, _Z2),
+    ("every_k, DDP", {"zero": None, "checkpointing": "every_k"}, _DDP),
+    ("DeepSpeed checkpointing", {"zero": 2, "checkpointing": "deepspeed"}, None),
+    ("bnb 8-bit, ZeRO-3", {"zero": 3, "optimizer": "adamw_8bit"}, _Z3),
+    ("torchao 8-bit, ZeRO-0", {"zero": 0, "optimizer": "torchao_adamw_8bit"}, None),
+    ("static freeze", {"zero": 2, "freeze": "static"}, None),
+    ("progressive freeze + cache", {"zero": 2, "freeze": "progressive", "cache": "memory"}, None),
+    ("distillation student", {"zero": 2, "recipe": "distill"}, None),
+    ("pipeline", {"zero": 1, "recipe": "pipeline"}, None),  # neither recipe has LoraArguments (config/args.py)
+    (
+        "QLoRA (NF4), one process",
+        {"zero": None, "lora": "qlora"},
+        "test_qlora_nf4_one_process_resumes_exactly_and_exports_dequantized_merge",
+    ),
+    ("QLoRA (NF4), ZeRO-2", {"zero": 2, "lora": "qlora"}, None),
+    ("QLoRA (NF4), ZeRO-3", {"zero": 3, "lora": "qlora"}, None),
+]
+
+
+def lora_rows() -> list[tuple[str, str, str]]:
+    """(label, kind, text) per LoRA row: refused (the rule), works (the test that ran it) or allowed (not run)."""
+    out = []
+    for label, fields, test in LORA_ROWS:
+        s = rules.Settings(**{"device": "cpu", "lora": "lora", **fields})
+        refused = rules.fired(s, refused=True)
+        if s.recipe in ("distill", "pipeline"):
+            script = "distill.py" if s.recipe == "distill" else "train_pipeline.py"
+            out.append((label, "refused", f"recipes/{script} takes no lora_* keys: lora_r is an unknown key there"))
+        elif refused:
+            out.append((label, "refused", "; ".join(f"{r.text(s)} [{r.id}]" for r in refused)))
+        elif test:
+            out.append((label, "works", f"`{LORA_TEST}::{test}`"))
+        else:
+            out.append((label, "allowed", "no rule refuses it; no test runs it with LoRA yet"))
+    return out
+
+
+def _lora_md() -> list[str]:
+    lines = ["", "## LoRA (lora_r > 0)", "", "| LoRA with | |", "|---|---|"]
+    marks = {"works": "**works** ", "refused": "**refused**: ", "allowed": "**allowed, not run**: "}
+    for label, kind, text in lora_rows():
+        lines.append(f"| {label} | {marks[kind]}{text.replace('|', '/')} |")
+    return lines
 
 
 def _values(v) -> str:

@@ -23,11 +23,15 @@ class ModelArguments:
     )
     gradient_checkpointing: str = _f(
         "none",
-        "Activation checkpointing: none | full | every_k | deepspeed.",
-        choices=["none", "full", "every_k", "deepspeed"],
+        "Activation checkpointing: none | full | every_k | layer_selective | selective_ops | deepspeed.",
+        choices=["none", "full", "every_k", "layer_selective", "selective_ops", "deepspeed"],
     )
     gradient_checkpointing_reentrant: bool = _f(False, "Use reentrant torch.utils.checkpoint (HF full mode).")
-    checkpoint_every_k: int = _f(0, "every_k mode: checkpoint every k-th block; 0 = round(sqrt(n_layer)).")
+    checkpoint_every_k: int = _f(
+        0,
+        "every_k: segment length (0 = round(sqrt(n_layer))); layer_selective: checkpoint blocks 0, k, 2k, ... and keep "
+        "the others' activations (0 = 2).",
+    )
     freeze_embeddings: bool = _f(False, "Static freezing: freeze token and position embeddings.")
     freeze_first_n_blocks: int = _f(0, "Static freezing: freeze the first n transformer blocks.")
     freeze_patterns: list[str] = _f([], "Static freezing: regexes of parameter names to freeze.")

@@ -42,6 +42,7 @@ class Settings:
     cpu_checkpointing: bool = False  # activation_checkpointing.cpu_checkpointing in the DeepSpeed JSON
     ds_pipeline: bool = False  # the DeepSpeed JSON has a `pipeline` section
     load_universal: bool = False  # checkpoint.load_universal is true in the DeepSpeed JSON
+    lora: str = "none"  # none | lora (lora_r > 0) | qlora (lora_r > 0 with lora_quantize: nf4)
 
     def values(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,6 +88,7 @@ def _set(*values) -> frozenset:
 FROZEN = _set("static", "progressive")
 OFFLOADED = _set("cpu", "nvme")
 DS_STAGES = _set(0, 1, 2, 3)
+LORA = _set("lora", "qlora")
 
 RULES: tuple[Rule, ...] = (
     Rule(
@@ -252,6 +254,27 @@ RULES: tuple[Rule, ...] = (
         refused=False,
     ),
 )
+# LoRA (train/lora.py) works with ZeRO 0-3, DDP, checkpointing and 8-bit (tests/test_lora.py); it refuses these
+# (recipes/distill.py and train_pipeline.py take no lora_* keys: lora_r is an unknown key there).
+LORA_RULES: tuple[Rule, ...] = (
+    Rule(
+        "lora_freezing",
+        {"lora": LORA, "freeze": FROZEN},
+        "LoRA already freezes the whole base model and trains only its adapters: the freeze_* keys (static or "
+        "progressive freezing, the prefix cache) would have nothing of the base left to freeze",
+        "remove the freeze_* keys, or set lora_r: 0 for full fine-tuning with freezing",
+        key="lora_r",
+    ),
+    Rule(
+        "qlora_zero3",
+        {"lora": _set("qlora"), "zero": _set(3)},
+        "ZeRO-3 would partition the packed 4-bit NF4 weights, whose quantization state lives outside the parameter "
+        "(peft's DeepSpeed guide: QLoRA + ZeRO-3 needs bnb_4bit_quant_storage equal to the compute dtype; not wired)",
+        "use QLoRA with plain DDP or ZeRO 0-2, or LoRA (lora_quantize: none) with ZeRO-3",
+        key="lora_quantize",
+    ),
+)
+RULES = RULES + LORA_RULES
 BY_ID = {r.id: r for r in RULES}
 
 
@@ -293,6 +316,8 @@ def settings_from(
     progressive = recipe.get("freeze_schedule", "none") not in ("none", None)
     static = any(recipe.get(k) for k in ("freeze_embeddings", "freeze_first_n_blocks", "freeze_patterns"))
     reentrant = bool(recipe.get("gradient_checkpointing_reentrant"))
+    rank, quant = recipe.get("lora_r") or 0, recipe.get("lora_quantize") not in (None, "none")
+    lora = "none" if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0 else "qlora" if quant else "lora"
     return Settings(
         zero=int(stage) if ds and stage in DS_STAGES and not isinstance(stage, bool) else None,
         offload=_device(_get(ds, "zero_optimization.offload_optimizer.device")),
@@ -308,6 +333,7 @@ def settings_from(
         cpu_checkpointing=_get(ds, "activation_checkpointing.cpu_checkpointing") is True,
         ds_pipeline="pipeline" in ds,
         load_universal=_get(ds, "checkpoint.load_universal") is True,
+        lora=lora,
     )
 
 

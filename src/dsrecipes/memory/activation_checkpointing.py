@@ -1,15 +1,22 @@
 """Activation checkpointing (book ch. 4, recomputation), switched on from the recipe config.
 
-    info = apply_activation_checkpointing(model, args, accelerator)  # none | full | every_k | deepspeed
+    info = apply_activation_checkpointing(model, args, accelerator)
+    # modes: none | full | every_k | layer_selective | selective_ops | deepspeed
 
 Modes: `full` is Hugging Face checkpointing (reentrant or not); `every_k` keeps only the input of every k-th block
-and recomputes each k-block segment in backward (Chen et al. 2016; k = round(sqrt(n_layer)) by default); `deepspeed`
-runs every block through `deepspeed.checkpointing.checkpoint`, configured from the DeepSpeed JSON's
-`activation_checkpointing` section (as gpt-neox does). Used by recipes/train_lm.py and benchmarks/bench_memory.py.
+and recomputes each k-block segment in backward (Chen et al. 2016; k = round(sqrt(n_layer)) by default); the two
+selective modes trade time for memory, as torchtitan does: `layer_selective` checkpoints only every k-th block
+(transformers' every_n_layers; k = checkpoint_every_k, default 2) and keeps the others' activations, so the
+recompute cost is the checkpointed fraction of full's; `selective_ops` checkpoints every block but saves the outputs
+of matmuls and attention (torch.utils.checkpoint.create_selective_checkpoint_contexts) and recomputes only the cheap
+pointwise ops; `deepspeed` runs every block through `deepspeed.checkpointing.checkpoint`, configured from the
+DeepSpeed JSON's `activation_checkpointing` section (as gpt-neox does). Used by recipes/train_lm.py, distill.py and
+benchmarks/bench_memory.py.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,6 +33,21 @@ DS_KNOBS = {  # activation_checkpointing key -> module-level name in deepspeed.c
     "synchronize_checkpoint_boundary": "SYNCHRONIZE",
     "profile": "PROFILE_TIME",
 }
+
+
+# aten ops whose outputs `selective_ops` keeps: the matmuls and the fused attention kernels (everything else, the
+# pointwise ops, norms, activations and softmax, is recomputed in backward)
+SAVED_OPS = (
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
+MODES = ("none", "full", "every_k", "layer_selective", "selective_ops", "deepspeed")
 
 
 # ============================================================================ activation checkpointing
@@ -56,6 +78,30 @@ def apply_activation_checkpointing(model, args, accelerator=None, ds_config: dic
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         return {**info, "reentrant": reentrant, "checkpointed_blocks": len(transformer_blocks(model))}
     blocks = transformer_blocks(model)
+    if mode == "layer_selective":
+        k = args.checkpoint_every_k or 2
+        if k < 1 or k > len(blocks):
+            raise ConfigError(
+                "<args>",
+                "checkpoint_every_k",
+                f"{k} is not between 1 and the {len(blocks)} blocks",
+                f"use 1..{len(blocks)} (layer_selective checkpoints blocks 0, k, 2k, ...), or 0 for 2",
+            )
+        kwargs = {"use_reentrant": reentrant}
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=k)
+        picked = [i for i, b in enumerate(blocks) if getattr(b, "gradient_checkpointing", False)]
+        return {**info, "reentrant": reentrant, "every_k": k, "checkpointed_blocks": len(picked), "blocks": picked}
+    if mode == "selective_ops":
+        if reentrant:
+            raise ConfigError(
+                "<args>",
+                "gradient_checkpointing_reentrant",
+                "selective_ops needs non-reentrant checkpointing (its policy is a context_fn)",
+                "set gradient_checkpointing_reentrant: false",
+            )
+        kwargs = {"use_reentrant": False, "context_fn": functools.partial(_selective_contexts, _saved_ops())}
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        return {**info, "reentrant": False, "checkpointed_blocks": len(blocks), "saved_ops": list(SAVED_OPS)}
     if mode == "every_k":
         k = args.checkpoint_every_k or default_every_k(len(blocks))
         if k < 1 or k > len(blocks):
@@ -76,9 +122,46 @@ def apply_activation_checkpointing(model, args, accelerator=None, ds_config: dic
             set_gradient_checkpointing_func(block, _deepspeed_checkpoint)
         model.enable_input_require_grads()  # DeepSpeed's checkpoint is reentrant
         return {**info, "deepspeed": section, "checkpointed_blocks": len(blocks)}
-    raise ConfigError(
-        "<args>", "gradient_checkpointing", f"unknown mode {mode!r}", "use none, full, every_k or deepspeed"
-    )
+    raise ConfigError("<args>", "gradient_checkpointing", f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
+
+
+def _saved_ops() -> frozenset:
+    return frozenset(getattr(torch.ops.aten, name).default for name in SAVED_OPS if hasattr(torch.ops.aten, name))
+
+
+def _selective_contexts(saved):
+    """The context pair torch's non-reentrant checkpoint runs forward and recompute under: keep `saved` ops'
+    outputs, recompute the rest. torch keeps those outputs in its own cache, outside autograd's saved-tensor hooks,
+    so while a measure.SavedActivations is open the forward context also hands them to it."""
+    import contextlib
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
+    if not RECORDERS:
+        return forward_ctx, recompute_ctx
+    stack = contextlib.ExitStack()
+    stack.enter_context(forward_ctx)
+    stack.enter_context(_RecordOutputs(saved))  # entered last, so it sees each op first and the cache's copy after
+    return stack, recompute_ctx
+
+
+def _RecordOutputs(saved):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOutputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in saved:
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    for rec in RECORDERS:
+                        rec.add(t)
+            return out
+
+    return RecordOutputs()
 
 
 def _segment_blocks(blocks, k: int, reentrant: bool) -> None:

@@ -41,7 +41,7 @@ OPTIMIZERS = {
     "torchao_adamw_4bit": (1, 128, 4096),
 }
 LOW_BIT = {"adamw_8bit", "paged_adamw_8bit", "torchao_adamw_8bit", "torchao_adamw_4bit"}
-CHECKPOINTING = ("none", "full", "every_k", "deepspeed")
+CHECKPOINTING = ("none", "full", "every_k", "layer_selective", "deepspeed")
 
 
 def _state_bytes_per_param(spec, optimizer):
@@ -184,6 +184,13 @@ def plan_memory(
         per_layer, recompute = act["layer"] * layers, 0
     elif checkpointing == "every_k":  # keep the input of each k-block segment; backward recomputes one segment
         per_layer, recompute = act["block_input"] * math.ceil(layers / k), act["layer"] * min(k, layers)
+    elif checkpointing == "layer_selective":  # blocks 0, k, 2k, ... keep their input, the others everything
+        ks = every_k or 2
+        picked = math.ceil(layers / ks)
+        per_layer = act["block_input"] * picked + act["layer"] * (layers - picked)
+        # a checkpointed block is recomputed after the blocks behind it have freed theirs, so the recompute adds to
+        # the peak only when the last block is checkpointed (backward recomputes it first, with everything held)
+        recompute = act["layer"] if (layers - 1) % ks == 0 else 0
     else:  # full / deepspeed: every block's input; backward recomputes one block at a time
         per_layer, recompute = act["block_input"] * layers, act["layer"]
     first = p * (per_layer + act["embed"]) + (act["head"] if p == 1 else 0)
@@ -220,7 +227,9 @@ def plan_memory(
             "activation_head": act["head"],
             "buckets": int(buckets),
             "logits_transient": int(logits),
-            "every_k": k if checkpointing == "every_k" else None,
+            "every_k": k
+            if checkpointing == "every_k"
+            else ((every_k or 2) if checkpointing == "layer_selective" else None),
         },
         "inputs": {
             "model": spec.name,

@@ -41,7 +41,9 @@ def add_arguments(parser):
     parser.add_argument("--seq-len", type=int, help="default: the model's positions, at most 1024")
     parser.add_argument("--precision", default="bf16", help="fp32 | bf16 | fp16")
     parser.add_argument("--checkpointing", default="none", help=" | ".join(CHECKPOINTING))
-    parser.add_argument("--every-k", type=int, help="every_k segment length (default round(sqrt(layers)))")
+    parser.add_argument(
+        "--every-k", type=int, help="every_k: segment length (default round(sqrt(layers))); layer_selective: k (2)"
+    )
     parser.add_argument("--optimizer", default="adamw", help=" | ".join(OPTIMIZERS))
     parser.add_argument("--frozen-fraction", type=float, default=0.0)
     parser.add_argument("--pipeline-stages", type=int, default=1)

@@ -7,6 +7,7 @@
     ckpt.save(step, {"step": step, ...})             # save_state into .tmp-*, then an atomic rename
     stop = StopFlag(); stop.requested(accelerator)   # SIGUSR1/SIGTERM/SIGINT seen on any rank?
     export_final(accelerator, model, tokenizer, out) # consolidated (ZeRO-3 too) HF directory, atomically
+    ckpt.trainable_only()                            # LoRA: checkpoints hold only what trains (and its optimizer state)
 
 Layout: output_dir/checkpoints/step_00000100/{pytorch_model/, random_states_*.pkl, trainer_state.json, hf_config/,
 universal/ (only after an elastic resume: dsrecipes.train.elastic)}
@@ -15,6 +16,7 @@ and output_dir/checkpoints/latest (a text file naming the newest complete checkp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -75,6 +77,9 @@ class Checkpoints:
         self.acc = accelerator
         self.root = os.path.join(output_dir, "checkpoints")
         self.keep_last = max(1, keep_last)
+        self.save_kwargs: dict = {}  # for accelerate's save_state / load_state (DeepSpeed: its save/load_checkpoint)
+        self.load_kwargs: dict = {}
+        self.frozen_of = None  # trainable_only under DeepSpeed: the model whose frozen tied aliases are dropped
         if self.acc.is_main_process:
             os.makedirs(self.root, exist_ok=True)
             for name in os.listdir(self.root):  # leftovers of a crash mid-write
@@ -103,7 +108,8 @@ class Checkpoints:
         if self.acc.is_main_process and os.path.exists(tmp):
             shutil.rmtree(tmp)
         self.acc.wait_for_everyone()
-        self.acc.save_state(tmp)  # every rank writes its ZeRO shards and RNG state
+        with self._frozen_aliases_dropped():
+            self.acc.save_state(tmp, **self.save_kwargs)  # every rank writes its ZeRO shards and RNG state
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             write_json_atomic(os.path.join(tmp, STATE_FILE), trainer_state)
@@ -126,6 +132,29 @@ class Checkpoints:
         self.acc.wait_for_everyone()
         return final
 
+    @contextlib.contextmanager
+    def _frozen_aliases_dropped(self):
+        """DeepSpeed's exclude_frozen_parameters deletes the frozen names that named_parameters() gives, which lists a
+        tied weight once: its alias (GPT-2's lm_head.weight = wte.weight) stayed in every checkpoint. A state-dict
+        hook drops every frozen name while the checkpoint is written (compat: deepspeed_exclude_frozen_tied)."""
+        if self.frozen_of is None:
+            yield
+            return
+        from dsrecipes.compat import guard
+
+        guard("deepspeed_exclude_frozen_tied")
+        frozen = {n for n, p in self.frozen_of.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+        def drop(module, state_dict, prefix, local_metadata):
+            for name in frozen:
+                state_dict.pop(prefix + name, None)
+
+        handle = self.frozen_of.register_state_dict_post_hook(drop)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def _prune(self, keep: str) -> None:
         done = sorted(n for n in os.listdir(self.root) if n.startswith("step_"))
         for name in done[: -self.keep_last]:
@@ -133,10 +162,52 @@ class Checkpoints:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
     def load(self, path: str) -> dict:
-        self.acc.load_state(path)
+        self.acc.load_state(path, **self.load_kwargs)
         return self.read_state(path)
 
+    def trainable_only(self, model=None) -> None:
+        """From now on a checkpoint holds only the parameters that train (LoRA's adapters) and their optimizer state.
+        The frozen base is not written: a resumed run rebuilds it as the first start did (model_name_or_path, or the
+        seeded init from model_config) and it never changes. DeepSpeed: save_checkpoint(exclude_frozen_parameters=
+        True), load_checkpoint(load_module_strict=False); otherwise (DDP, one process) accelerate's save hook keeps
+        the trainable tensors and its load hook loads them, checking that only frozen ones are missing. `model`: the
+        unwrapped model (DeepSpeed keeps its frozen tied aliases otherwise, see _frozen_aliases_dropped)."""
+        from accelerate.utils import DistributedType
+
+        if getattr(self.acc, "distributed_type", None) == DistributedType.DEEPSPEED:
+            self.save_kwargs = {"exclude_frozen_parameters": True}
+            self.load_kwargs = {"load_module_strict": False}
+            self.frozen_of = model
+        else:
+            self.acc.register_save_state_pre_hook(_keep_trainable)
+            self.acc.register_load_state_pre_hook(_load_trainable)
+
     read_state = staticmethod(read_state)
+
+
+def _trainable_names(model) -> set:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _keep_trainable(models, weights, output_dir) -> None:
+    """accelerate save hook: drop the frozen tensors from each model's state dict before it is written."""
+    for i, (model, state) in enumerate(zip(models, weights)):
+        keep = _trainable_names(model)
+        weights[i] = {k: v for k, v in state.items() if k in keep}
+
+
+def _load_trainable(models, input_dir) -> None:
+    """accelerate load hook: load each model's trainable tensors (non-strict, checked), then take the models off
+    accelerate's list so that it does not load them strictly."""
+    from safetensors.torch import load_file
+
+    for i, model in enumerate(models):
+        path = os.path.join(input_dir, "model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+        lost = _trainable_names(model) & set(missing)
+        if unexpected or lost:
+            raise RuntimeError(f"{path}: not this run's adapter (missing {sorted(lost)[:3]}, extra {unexpected[:3]})")
+    models.clear()
 
 
 class StopFlag:
@@ -171,18 +242,27 @@ class StopFlag:
         return bool(flag.item() > 0)
 
 
-def export_final(accelerator, model, tokenizer, out_dir: str) -> str:
-    """Consolidate the weights (gathering ZeRO-3 shards) and write an HF directory, via a temp dir + rename."""
-    state_dict = accelerator.get_state_dict(model)  # collective: every rank must call it
+def write_dir_atomic(accelerator, out_dir: str, write) -> str:
+    """Rank 0 runs write(tmp_dir); the directory then replaces out_dir in one rename. Every rank waits for it."""
     tmp = out_dir.rstrip("/") + ".tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
+
+
+def export_final(accelerator, model, tokenizer, out_dir: str) -> str:
+    """Consolidate the weights (gathering ZeRO-3 shards) and write an HF directory, via a temp dir + rename.
+    (A LoRA run exports through dsrecipes.train.lora.export: merged final/ and/or final_adapter/.)"""
+    state_dict = accelerator.get_state_dict(model)  # collective: every rank must call it
+
+    def write(tmp):
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return write_dir_atomic(accelerator, out_dir, write)

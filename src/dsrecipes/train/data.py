@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from collections import Counter
 
 from dsrecipes.config.errors import ConfigError
+from dsrecipes.train.corpus import Language, generated_corpus  # noqa: F401  (re-exported)
 
 EOS = "<|endoftext|>"
 
@@ -76,34 +76,6 @@ def load_tokenizer(tokenizer_name_or_path: str | None, model_name_or_path: str |
 
 
 # ----------------------------------------------------------------------------- generated corpus
-def generated_corpus(num_docs: int, language_seed: int, sample_seed: int) -> list[str]:
-    """Documents in a small synthetic language: 160 made-up words, each followed by one of 3 successors.
-
-    The language (words and transitions) depends only on `language_seed`; `sample_seed` picks the
-    documents, so train and eval share a language but not text. Unigram byte entropy is about 3 nats;
-    a model that learns spellings and successors gets well below it.
-    """
-    lang = random.Random(language_seed)
-    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-    words: list[str] = []
-    while len(words) < 160:
-        w = "".join(lang.choice(syllables) for _ in range(lang.randint(1, 3)))
-        if w not in words:
-            words.append(w)
-    succ = {w: lang.sample(range(len(words)), 3) for w in words}
-    weights = [0.6, 0.3, 0.1]
-    rng = random.Random(sample_seed)
-    docs = []
-    for _ in range(num_docs):
-        w = words[rng.randrange(len(words))]
-        out = [w]
-        for i in range(rng.randint(20, 60)):
-            w = words[rng.choices(succ[w], weights)[0]]
-            out.append(w + ("." if i % 9 == 8 else ""))
-        docs.append(" ".join(out))
-    return docs
-
-
 # ----------------------------------------------------------------------------- datasets
 def _load_raw(args):
     """-> (train Dataset, eval Dataset) with a text column."""
@@ -184,6 +156,14 @@ def unigram_entropy(ds) -> float:
     return -sum(c / total * math.log(c / total) for c in counts.values())
 
 
+def entropy_rate(args, texts: list[str], tokenizer) -> float:
+    """Nats per token of the generated language's Bayes-optimal model (dsrecipes.train.corpus): exact per byte,
+    scaled by this tokenizer's bytes per token on `texts` (1.0 for the byte tokenizer)."""
+    tokens = sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    n_bytes = sum(len(t.encode()) + 1 for t in texts)
+    return Language(args.generated_seed).entropy_rate_per_byte() * n_bytes / tokens
+
+
 def build_lm_datasets(args, tokenizer):
     """-> (train, eval, info) tokenized and grouped into blocks, torch-formatted."""
     if args.block_size < 8:
@@ -203,6 +183,7 @@ def build_lm_datasets(args, tokenizer):
         "eval_blocks": len(evl),
         "block_size": args.block_size,
         "unigram_entropy": unigram_entropy(train),
+        "entropy_rate": entropy_rate(args, raw_train[:200][col], tokenizer) if args.dataset == "generated" else None,
     }
     train.set_format("torch")
     evl.set_format("torch")
