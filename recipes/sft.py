@@ -31,7 +31,7 @@ from dsrecipes.sft.exact_match import exact_match
 from dsrecipes.sft.packing import check_packing
 from dsrecipes.train import lora
 from dsrecipes.train.accelerator import fill_deepspeed_from_recipe, make_accelerator, make_scheduler, run_facts
-from dsrecipes.train.checkpoints import StopFlag, export_final
+from dsrecipes.train.checkpoints import StopFlag, export_run
 from dsrecipes.train.data import load_tokenizer
 from dsrecipes.train.loop import Loop, Session
 from dsrecipes.train.models import build_causal_lm
@@ -87,9 +87,7 @@ def main(args, where):
     # ------------------------------------------------------------------ export and summary
     final_dir = None
     if not loop.preempted and args.export_final:
-        final = os.path.join(args.output_dir, "final")
-        export = lora.export if lora_info else lambda acc, m, tok, _: export_final(acc, m, tok, final)
-        final_dir = export(accelerator, model, tokenizer, args)  # LoRA: merged final/ and/or final_adapter/
+        final_dir = export_run(accelerator, model, tokenizer, args)  # LoRA: merged final/ and/or final_adapter/
     summary = {
         "recipe": "sft",
         **loop.summary(),

@@ -30,7 +30,7 @@ from dsrecipes.train.accelerator import (
     make_scheduler,
     run_facts,
 )
-from dsrecipes.train.checkpoints import StopFlag, export_final
+from dsrecipes.train.checkpoints import StopFlag, export_run
 from dsrecipes.train.data import build_lm_datasets, load_tokenizer
 from dsrecipes.train.loop import Loop, Session, lm_loss
 from dsrecipes.train.models import build_causal_lm
@@ -72,10 +72,7 @@ def main(args, where):
     # ------------------------------------------------------------------ export and summary
     final_dir = None
     if not loop.preempted and args.export_final:
-        if lora_info:  # lora_export: merged final/ (gathered, adapter merged in) and/or final_adapter/ (peft)
-            final_dir = lora.export(accelerator, model, tokenizer, args)
-        else:
-            final_dir = export_final(accelerator, model, tokenizer, os.path.join(args.output_dir, "final"))
+        final_dir = export_run(accelerator, model, tokenizer, args)  # LoRA: merged final/ and/or final_adapter/
     summary = {
         "recipe": "train_lm",
         **loop.summary(),

@@ -132,27 +132,23 @@ def test_the_planner_gives_layer_selective_bytes(k):
     ids = torch.randint(0, 257, (4, 64), generator=torch.Generator().manual_seed(0))
     with measure.SavedActivations(model) as acts:
         model(input_ids=ids, labels=ids).loss.backward()
-    plan = plan_memory(
-        spec_from_config(config, "tiny", None),
-        micro_batch=4,
-        seq_len=64,
-        precision="fp32",
-        device="cpu",
-        checkpointing="layer_selective",
-        every_k=k,
-    )
-    assert plan["detail"]["activations_saved_forward"] == pytest.approx(acts.bytes, rel=0.01), (k, acts.bytes)
-    assert plan["detail"]["every_k"] == k
+
+    def plan(every_k):
+        return plan_memory(
+            spec_from_config(config, "tiny", None),
+            micro_batch=4,
+            seq_len=64,
+            precision="fp32",
+            device="cpu",
+            checkpointing="layer_selective",
+            every_k=every_k,
+        )
+
+    got = plan(k)
+    assert got["detail"]["activations_saved_forward"] == pytest.approx(acts.bytes, rel=0.01), (k, acts.bytes)
+    assert got["detail"]["every_k"] == k
     # a checkpointed block is recomputed after the blocks behind it freed their activations, so the recompute adds
     # to the peak only when the last block (5 of 0..5) is checkpointed: k = 5 here, not k = 2 or 3
-    assert plan["detail"]["activations_recompute"] == 0
-    last = plan_memory(
-        spec_from_config(config, "tiny", None),
-        micro_batch=4,
-        seq_len=64,
-        precision="fp32",
-        device="cpu",
-        checkpointing="layer_selective",
-        every_k=5,
-    )["detail"]
+    assert got["detail"]["activations_recompute"] == 0
+    last = plan(5)["detail"]
     assert last["activations_recompute"] == last["activation_per_layer"] > 0

@@ -79,14 +79,7 @@ def apply_activation_checkpointing(model, args, accelerator=None, ds_config: dic
         return {**info, "reentrant": reentrant, "checkpointed_blocks": len(transformer_blocks(model))}
     blocks = transformer_blocks(model)
     if mode == "layer_selective":
-        k = args.checkpoint_every_k or 2
-        if k < 1 or k > len(blocks):
-            raise ConfigError(
-                "<args>",
-                "checkpoint_every_k",
-                f"{k} is not between 1 and the {len(blocks)} blocks",
-                f"use 1..{len(blocks)} (layer_selective checkpoints blocks 0, k, 2k, ...), or 0 for 2",
-            )
+        k = _block_interval(args, len(blocks), 2, " (layer_selective checkpoints blocks 0, k, 2k, ...), or 0 for 2")
         kwargs = {"use_reentrant": reentrant}
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=k)
         picked = [i for i, b in enumerate(blocks) if getattr(b, "gradient_checkpointing", False)]
@@ -103,14 +96,8 @@ def apply_activation_checkpointing(model, args, accelerator=None, ds_config: dic
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         return {**info, "reentrant": False, "checkpointed_blocks": len(blocks), "saved_ops": list(SAVED_OPS)}
     if mode == "every_k":
-        k = args.checkpoint_every_k or default_every_k(len(blocks))
-        if k < 1 or k > len(blocks):
-            raise ConfigError(
-                "<args>",
-                "checkpoint_every_k",
-                f"{k} is not between 1 and the {len(blocks)} blocks",
-                f"use 1..{len(blocks)}, or 0 for round(sqrt(n_layer)) = {default_every_k(len(blocks))}",
-            )
+        n = len(blocks)
+        k = _block_interval(args, n, default_every_k(n), f", or 0 for round(sqrt(n_layer)) = {default_every_k(n)}")
         _segment_blocks(blocks, k, reentrant)
         model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
         return {**info, "reentrant": reentrant, "every_k": k, "segments": math.ceil(len(blocks) / k)}
@@ -123,6 +110,15 @@ def apply_activation_checkpointing(model, args, accelerator=None, ds_config: dic
         model.enable_input_require_grads()  # DeepSpeed's checkpoint is reentrant
         return {**info, "deepspeed": section, "checkpointed_blocks": len(blocks)}
     raise ConfigError("<args>", "gradient_checkpointing", f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
+
+
+def _block_interval(args, n_blocks: int, default: int, hint: str) -> int:
+    """checkpoint_every_k (0 = `default`), refused in one line unless it is 1..n_blocks."""
+    k = args.checkpoint_every_k or default
+    if k < 1 or k > n_blocks:
+        problem = f"{k} is not between 1 and the {n_blocks} blocks"
+        raise ConfigError("<args>", "checkpoint_every_k", problem, f"use 1..{n_blocks}{hint}")
+    return k
 
 
 def _saved_ops() -> frozenset:

@@ -255,6 +255,16 @@ def write_dir_atomic(accelerator, out_dir: str, write) -> str:
     return out_dir
 
 
+def export_run(accelerator, model, tokenizer, args) -> str:
+    """The training recipes' export: LoRA's (lora_export: merged final/ and/or final_adapter/) when lora_r > 0, else
+    export_final into output_dir/final. Returns the first directory written."""
+    from dsrecipes.train import lora
+
+    if lora.enabled(args):
+        return lora.export(accelerator, model, tokenizer, args)
+    return export_final(accelerator, model, tokenizer, os.path.join(args.output_dir, "final"))
+
+
 def export_final(accelerator, model, tokenizer, out_dir: str) -> str:
     """Consolidate the weights (gathering ZeRO-3 shards) and write an HF directory, via a temp dir + rename.
     (A LoRA run exports through dsrecipes.train.lora.export: merged final/ and/or final_adapter/.)"""
