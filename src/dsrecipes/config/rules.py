@@ -43,6 +43,10 @@ class Settings:
     ds_pipeline: bool = False  # the DeepSpeed JSON has a `pipeline` section
     load_universal: bool = False  # checkpoint.load_universal is true in the DeepSpeed JSON
     lora: str = "none"  # none | lora (lora_r > 0) | qlora (lora_r > 0 with lora_quantize: nf4)
+    sp: int = 1  # Ulysses sequence-parallel size (recipe key sequence_parallel_size)
+    tiling: str = "none"  # ALST tiling: none | mlp | loss | mlp+loss (recipe keys tiled_mlp, tiled_loss)
+    tp: int = 1  # AutoTP training size (the DeepSpeed JSON's tensor_parallel.autotp_size)
+    world: int | None = None  # number of processes, when known
 
     def values(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,9 +73,12 @@ class Rule:
     refused: bool = True  # False: works, degraded (a note, not an error)
     issue: str | None = None  # upstream issue
     components: tuple = ()  # run-time components that enforce it besides `dsrecipes check` and the start-up check
+    when: object = None  # optional predicate Settings -> bool, for conditions a value set cannot say (sp < world)
 
     def matches(self, s: Settings) -> bool:
-        return all(getattr(s, axis) in vals for axis, vals in self.concerns.items())
+        if not all(getattr(s, axis) in vals for axis, vals in self.concerns.items()):
+            return False
+        return self.when is None or bool(self.when(s))
 
     def text(self, s: Settings) -> str:
         return self.problem.format(**s.values())
@@ -275,6 +282,12 @@ LORA_RULES: tuple[Rule, ...] = (
     ),
 )
 RULES = RULES + LORA_RULES
+# Sequence parallelism (config/rules_sp.py) and AutoTP training (config/rules_tp.py) keep their rules beside
+# their axes' meaning; they are part of this one table.
+from dsrecipes.config.rules_sp import SP_RULES  # noqa: E402
+from dsrecipes.config.rules_tp import TP_RULES  # noqa: E402
+
+RULES = RULES + SP_RULES + TP_RULES
 BY_ID = {r.id: r for r in RULES}
 
 
@@ -310,7 +323,6 @@ def settings_from(
 ) -> Settings:
     """Normalise (recipe values, DeepSpeed dict, accelerate values, world size, on_cpu) onto the table's axes.
     `recipe` holds YAML keys or vars(args); `ds` None or {} means no DeepSpeed config."""
-    del world_size  # no rule depends on it today; kept so every caller passes the same sources
     ds, acc = ds or {}, acc or {}
     stage = _get(ds, "zero_optimization.stage", 0)
     progressive = recipe.get("freeze_schedule", "none") not in ("none", None)
@@ -334,7 +346,19 @@ def settings_from(
         ds_pipeline="pipeline" in ds,
         load_universal=_get(ds, "checkpoint.load_universal") is True,
         lora=lora,
+        sp=_positive_int(recipe.get("sequence_parallel_size"), 1),
+        tiling="+".join(t for t, k in (("mlp", "tiled_mlp"), ("loss", "tiled_loss")) if recipe.get(k) is True)
+        or "none",
+        tp=_positive_int(_get(ds, "tensor_parallel.autotp_size"), 1),
+        world=world_size if isinstance(world_size, int) and not isinstance(world_size, bool) else None,
     )
+
+
+def _positive_int(value, default: int) -> int:
+    """An int >= 1 as the axis value; anything else (absent, "auto", a typo) is the default, which range checks
+    elsewhere report (dsrecipes.config.validate)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return value if ok else default
 
 
 def settings_for_run(accelerator, args, recipe_kind: str = "train_lm") -> Settings:
