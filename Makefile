@@ -61,6 +61,12 @@ train: setup  ## train the tiny default (2 CPU procs, ZeRO-2) and print where th
 	$(call PRECHECK,$(RECIPE),$(DS))
 	$(LAUNCH) recipes/train_lm.py --config $(RECIPE) $(ARGS)
 
+.PHONY: train-sp
+SP_RECIPE ?= configs/recipes/train_tiny_llama_sp2.yaml
+train-sp: setup  ## tiny Llama, Ulysses sequence parallelism over 2 CPU procs + ALST tiling (ZeRO-2)
+	$(call PRECHECK,$(SP_RECIPE),$(DS))
+	$(LAUNCH) recipes/train_lm.py --config $(SP_RECIPE) $(ARGS)
+
 .PHONY: sft
 SFT_RECIPE ?= configs/recipes/sft_tiny.yaml
 SFT_BASE ?= outputs/train_tiny_zero2/final
@@ -100,6 +106,10 @@ pipeline: setup  ## tiny GPT-2 in 2 pipeline stages (2 CPU procs, ZeRO-1), HF fi
 .PHONY: bench-memory
 bench-memory: setup  ## checkpointing / 8-bit / ZeRO 0-3 memory and time vs the planner -> docs/results/memory.*
 	$(BIN)/python benchmarks/bench_memory.py
+
+.PHONY: bench-scale
+bench-scale: setup  ## longest sequence per activation budget (ckpt / sp=2 / ALST tiling), AutoTP states -> docs/results/scale.*
+	$(BIN)/python benchmarks/bench_scale.py
 
 # ---- SLURM (slurm/README.md). `make slurm-*` submits with sbatch and prints the job id and log path.
 .PHONY: setup-slurm setup-system test-slurm slurm-train slurm-distill slurm-pipeline slurm-serve

@@ -34,6 +34,7 @@ from dsrecipes.distill.phases import (
     sizes,
 )
 from dsrecipes.memory import measure
+from dsrecipes.parallel import tensor
 from dsrecipes.train.accelerator import evaluate_lm, fill_deepspeed_from_recipe, run_facts
 from dsrecipes.train.checkpoints import StopFlag, export_final
 from dsrecipes.train.data import build_lm_datasets, load_tokenizer
@@ -60,6 +61,7 @@ def main(args, where):
 
     # ------------------------------------------------------------------ data, teacher and student
     teacher, student, mapping = build_teacher_and_student(args, accelerator)
+    tensor.check_model(student, accelerator, where)  # AutoTP shards the student: what it cannot shard, in one line
     tokenizer = load_tokenizer(args.tokenizer_name_or_path, args.teacher_name_or_path)
     check_teacher_tokenizer(tokenizer, teacher, where)
     with accelerator.main_process_first():

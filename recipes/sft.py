@@ -26,6 +26,7 @@ from dsrecipes.config import check
 from dsrecipes.config.args import recipe_main
 from dsrecipes.freezing.freezer import Freezer
 from dsrecipes.memory import activation_checkpointing, measure
+from dsrecipes.parallel import sequence, tensor
 from dsrecipes.sft.data import TokenCounter, build_sft_data, make_sft_dataloaders
 from dsrecipes.sft.exact_match import exact_match
 from dsrecipes.sft.packing import check_packing
@@ -45,6 +46,7 @@ def main(args, where):
     stop = StopFlag()
     accelerator = make_accelerator(args, project="sft")
     check.check_run(accelerator, args, where)
+    sequence.check_resume(args, where)  # an SP run resumes on its own layout only (DeepSpeed #8226)
     fill_deepspeed_from_recipe(accelerator, args)
     set_seed(args.seed)
     t_start = time.time()
@@ -63,13 +65,16 @@ def main(args, where):
         )
     model = build_causal_lm(args, tokenizer, accelerator=accelerator)
     leak = check_packing(model, where) if args.packing else None  # refuses a model that attends across them
+    sp_info = sequence.prepare_model(model, args, where)  # sequence_parallel_size, tiled_mlp, tiled_loss
     ckpt_info = activation_checkpointing.apply_activation_checkpointing(model, args, accelerator)
     freezer = Freezer(model, args, accelerator, resumed=session.resumed_freezer())
+    tensor.check_model(model, accelerator, where)  # AutoTP: what it cannot shard, in one line
     model, lora_info = lora.apply_lora(model, args, where)  # lora_r > 0: frozen base + peft adapters (as train_lm)
     optimizer = build_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     train_dl, eval_dl = make_sft_dataloaders(data, args, tokenizer)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    train_dl, eval_dl = sequence.loaders(accelerator, train_dl, eval_dl, args)  # SP: each rank a sequence shard
     if lora_info:
         session.ckpt.trainable_only(accelerator.unwrap_model(model))  # the adapter and its optimizer state only
     probe = measure.StepProbe(model, optimizer)
@@ -79,8 +84,11 @@ def main(args, where):
     # the starting model: a resumed run loads its checkpoint inside loop.run, so `before` is always the start's
     before = exact_match(model, tokenizer, data.heldout, accelerator, **em_kw)
     counter = TokenCounter()
-    loop = Loop(session, args, freezer=freezer, flops=FlopCounter(train=[model]))
-    model, optimizer, _ = loop.run(model, optimizer, scheduler, train_dl, eval_dl, counter.loss, probe=probe)
+    loop = Loop(
+        session, args, freezer=freezer, flops=FlopCounter(train=[model]), extra_state=sequence.checkpoint_facts(args)
+    )
+    compute_loss = sequence.loss_hook(args, counter.loss)  # SP / tiling: the loss over the whole split sequence
+    model, optimizer, _ = loop.run(model, optimizer, scheduler, train_dl, eval_dl, compute_loss, probe=probe)
     after = exact_match(model, tokenizer, data.heldout, accelerator, **em_kw)
     real, padding = counter.totals(accelerator)
 
@@ -107,6 +115,7 @@ def main(args, where):
         "memory": measure.measure(model, optimizer, accelerator, probe),
         "activation_checkpointing": ckpt_info,
         "lora": lora_info,
+        "sequence_parallel": sp_info,
     }
     session.log.summary(summary)
     accelerator.end_training()

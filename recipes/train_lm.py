@@ -22,6 +22,7 @@ from dsrecipes.config import check
 from dsrecipes.config.args import recipe_main
 from dsrecipes.freezing.freezer import Freezer
 from dsrecipes.memory import activation_checkpointing, measure
+from dsrecipes.parallel import sequence, tensor
 from dsrecipes.train import lora
 from dsrecipes.train.accelerator import (
     fill_deepspeed_from_recipe,
@@ -44,6 +45,7 @@ def main(args, where):
     stop = StopFlag()  # SIGUSR1/SIGTERM: checkpoint at the next step boundary, then exit
     accelerator = make_accelerator(args, project="train_lm")
     check.check_run(accelerator, args, where)
+    sequence.check_resume(args, where)  # an SP run resumes on its own layout only (DeepSpeed #8226)
     fill_deepspeed_from_recipe(accelerator, args)
     set_seed(args.seed)
     t_start = time.time()
@@ -54,20 +56,26 @@ def main(args, where):
     with accelerator.main_process_first():
         train_ds, eval_ds, data_info = build_lm_datasets(args, tokenizer)
     model = build_causal_lm(args, tokenizer, accelerator=accelerator)
+    sp_info = sequence.prepare_model(model, args, where)  # sequence_parallel_size, tiled_mlp, tiled_loss
     ckpt_info = activation_checkpointing.apply_activation_checkpointing(model, args, accelerator)
     freezer = Freezer(model, args, accelerator, resumed=session.resumed_freezer())  # freeze_* keys, prefix cache
+    tensor.check_model(model, accelerator, where)  # AutoTP (tensor_parallel.autotp_size): what it cannot shard
     model, lora_info = lora.apply_lora(model, args, where)  # lora_r > 0: frozen base + peft adapters (QLoRA: nf4)
     optimizer = build_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     train_dl, eval_dl = make_dataloaders(train_ds, eval_ds, args)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    train_dl, eval_dl = sequence.loaders(accelerator, train_dl, eval_dl, args)  # SP: each rank a sequence shard
     if lora_info:
         session.ckpt.trainable_only(accelerator.unwrap_model(model))  # the adapter and its optimizer state only
     probe = measure.StepProbe(model, optimizer)  # memory: activation bytes of the first micro-batch, states at its step
 
     # ------------------------------------------------------------------ train (resumes from the checkpoint if any)
-    loop = Loop(session, args, freezer=freezer, flops=FlopCounter(train=[model]))
-    model, optimizer, _ = loop.run(model, optimizer, scheduler, train_dl, eval_dl, lm_loss, probe=probe)
+    loop = Loop(
+        session, args, freezer=freezer, flops=FlopCounter(train=[model]), extra_state=sequence.checkpoint_facts(args)
+    )
+    compute_loss = sequence.loss_hook(args, lm_loss)  # SP / tiling: the loss over the whole split sequence
+    model, optimizer, _ = loop.run(model, optimizer, scheduler, train_dl, eval_dl, compute_loss, probe=probe)
 
     # ------------------------------------------------------------------ export and summary
     final_dir = None
@@ -85,6 +93,8 @@ def main(args, where):
         "memory": measure.measure(model, optimizer, accelerator, probe),
         "activation_checkpointing": ckpt_info,
         "lora": lora_info,
+        "sequence_parallel": sp_info,
+        "tensor_parallel": tensor.sharding(accelerator.unwrap_model(model)),  # AutoTP: sharded vs replicated bytes
     }
     session.log.summary(summary)
     accelerator.end_training()

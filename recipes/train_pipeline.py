@@ -1,4 +1,5 @@
-"""Pipeline-parallel training of a GPT-2 causal LM with the DeepSpeed pipeline engine (1F1B), HF weights in and out.
+"""Pipeline-parallel training of a GPT-2 or Llama-family causal LM with the DeepSpeed pipeline engine (1F1B), HF
+weights in and out.
 
 Run (2 CPU processes = 2 pipeline stages):
     accelerate launch --config_file configs/accelerate/deepspeed_cpu_2proc.yaml \
@@ -57,7 +58,7 @@ def main(args, where):
 
     # ------------------------------------------------------------------ the shared loop around train_batch
     session = Session(run, args, stop, project="train_pipeline", where=where)  # checkpoints, resume, log, tensorboard
-    flops = FlopCounter(shapes=[(facts["params"], config.n_layer, config.n_embd)])
+    flops = FlopCounter(shapes=[(facts["params"], config.num_hidden_layers, config.hidden_size)])
     loop = Loop(session, args, flops=flops)
     micro = args.per_device_train_batch_size
     batches = MicroBatches(train_ds, micro, dp_rank, settings.dp, args.seed, loop.epoch, loop.batch_in_epoch)

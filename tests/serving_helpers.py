@@ -65,6 +65,34 @@ def build_llama(path: str, seed: int = 0) -> str:
     return path
 
 
+# A Llama-3-style chat template in plain-text markers (the byte tokenizer has no special tokens for them): a model
+# directory with its own template, which dsrecipes.chat must use instead of the default.
+LLAMA_CHAT_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' ~ m['role'] ~ '<|end_header_id|>\\n\\n' ~ m['content'] ~ '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+def build_llama_family(path: str, model_config: str = "configs/models/tiny_llama.json", seed: int = 0) -> str:
+    """A model from a configs/models JSON (tiny_llama: GQA, RMSNorm, RoPE, tied) with the byte tokenizer carrying
+    LLAMA_CHAT_TEMPLATE, saved like train_lm's final/."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dsrecipes.train.data import byte_tokenizer
+    from dsrecipes.train.models import load_model_config
+
+    torch.manual_seed(seed)
+    tok = byte_tokenizer()
+    config = load_model_config(model_config, tok)
+    config.initializer_range = 0.1  # peaked next-token distributions: greedy has no near-ties to flip
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.chat_template = LLAMA_CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return path
+
+
 def build_bert(path: str, seed: int = 0, hidden: int = 64, layers: int = 2) -> str:
     """A small BERT encoder with a character WordPiece tokenizer."""
     import torch

@@ -37,6 +37,10 @@ GPU_TEMPLATES = {
     "configs/recipes/train_tiny_fp16.yaml": "fp16 with dynamic loss scaling needs a GPU; "
     "test_memory_recipes.py::test_fp16_with_loss_scaling_on_gpu launches it where there is one (skipped on CPU)",
     "configs/recipes/finetune_gpt2_small_freeze_cubic.yaml": "the hub GPT-2 weights and WikiText-2: network and 8 GPUs",
+    "configs/recipes/sft_llama_1b_zero3.yaml": "the gated hub Llama-3.2-1B weights: network and 8 GPUs",
+    "configs/recipes/sft_llama_8b_zero3.yaml": "the gated hub Llama-3.1-8B weights: network and 8 GPUs",
+    "configs/recipes/sft_llama_8b_lora_1gpu.yaml": "the gated hub Llama-3.1-8B weights (16 GB in bf16): network and "
+    "a GPU",
 }
 
 
@@ -99,3 +103,32 @@ def test_gpu_template_passes_dsrecipes_check(path):
     # spent 3-19 s per template importing torch/transformers/DeepSpeed; tests/test_check.py keeps one CLI run
     proc = cli_in_process(*args)
     assert proc.returncode == 0 and "no problems" in proc.stdout, (args, proc.stdout, proc.stderr[-2000:])
+
+
+def _header_text(path: str) -> str:
+    """A config's leading comment block as one line (continuation lines joined)."""
+    out = []
+    with open(os.path.join(ROOT, path)) as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            out.append(line[1:].strip())
+    return " ".join(out)
+
+
+PLANNED = [p for p in shipped_configs() if p.endswith(".yaml") and "`dsrecipes plan " in _header_text(p)]
+
+
+@pytest.mark.parametrize("path", PLANNED)
+def test_the_plan_figures_in_a_header_are_what_the_planner_prints(path):
+    """A header that quotes `dsrecipes plan ...` and its total (`= X GiB`) says what the planner prints today."""
+    from conftest import dsrecipes_cli
+
+    text = _header_text(path)
+    command = re.search(r"`dsrecipes plan ([^`]+)`", text).group(1)
+    quoted = re.search(r"= ([\d.]+) GiB", text[text.index(command) :])
+    assert quoted is not None, f"{path}: quote the plan's total (`= X GiB`) after the command"
+    proc = dsrecipes_cli("plan", *command.split())
+    assert proc.returncode == 0, proc.stderr
+    total = re.search(r"total\s+([\d.]+) GiB", proc.stdout).group(1)
+    assert total == quoted.group(1), (path, proc.stdout)

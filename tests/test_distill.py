@@ -57,7 +57,7 @@ def test_layer_map_takes_every_other_block():
 
 
 # ---------------------------------------------------------------------------- a small trained teacher
-def train_teacher(out_dir: str, steps: int = 30):
+def train_teacher(out_dir: str, steps: int = 30, model_config: str = "configs/models/tiny_gpt2_nodropout.json"):
     from transformers import AutoModelForCausalLM
 
     from dsrecipes.config.args import DataArguments, parse_args
@@ -66,7 +66,7 @@ def train_teacher(out_dir: str, steps: int = 30):
 
     torch.manual_seed(0)
     tok = byte_tokenizer()
-    model = AutoModelForCausalLM.from_config(load_model_config("configs/models/tiny_gpt2_nodropout.json", tok))
+    model = AutoModelForCausalLM.from_config(load_model_config(model_config, tok))
     args, _ = parse_args((DataArguments,), ["--generated_docs", "100", "--eval_docs", "20"])
     train_ds, eval_ds, _ = build_lm_datasets(args, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -243,3 +243,105 @@ def test_distill_inference_engine_bf16_teacher_one_process(teacher, tmp_path):
     with open(os.path.join(out, "final", "config.json")) as fh:
         assert json.load(fh)["n_layer"] == 2
     assert s["teacher_param_bytes_per_rank"] == 2 * s["teacher_params"]  # bf16 teacher
+
+
+# ---------------------------------------------------------------------------- Llama -> Llama
+LLAMA_DISTILL = "configs/recipes/distill_tiny_llama.yaml"
+
+
+@pytest.fixture(scope="module")
+def llama_teacher(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("llama_teacher"))
+    model, eval_ds = train_teacher(path, model_config="configs/models/tiny_llama.json", steps=30)
+    return path, model, eval_ds
+
+
+@pytest.mark.slow  # the teacher's 30 training steps take 20-90 s on 2 shared cores
+def test_llama_student_from_teacher_layers_keeps_gqa_and_starts_close(llama_teacher):
+    """The 2-layer student of the tiny Llama (GQA 4 heads / 2 KV heads, RMSNorm, RoPE, tied head) copies decoder
+    layers 0 and 2, the embedding, final RMSNorm and head; it starts far nearer the teacher than a fresh one."""
+    import torch.nn.functional as F
+
+    from dsrecipes.distill.distillation import student_from_teacher
+
+    _, model, eval_ds = llama_teacher
+    near, mapping = student_from_teacher(model, 2, "teacher_layers")
+    far, _ = student_from_teacher(model, 2, "scratch")
+    c = near.config
+    assert mapping == [0, 2] and c.model_type == "llama" and c.num_hidden_layers == len(near.model.layers) == 2
+    assert (c.num_attention_heads, c.num_key_value_heads) == (4, 2)
+    assert c.rope_parameters == model.config.rope_parameters
+    t_layer, s_layer = model.model.layers[2], near.model.layers[1]
+    assert s_layer.self_attn.k_proj.weight.shape == (64, 128)  # 2 KV heads x 32: grouped-query attention kept
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj", "input_layernorm"):
+        assert torch.equal(s_layer.get_submodule(name).weight, t_layer.get_submodule(name).weight), name
+    assert torch.equal(near.model.norm.weight, model.model.norm.weight)
+    assert near.lm_head.weight.data_ptr() == near.model.embed_tokens.weight.data_ptr()  # still tied
+    assert torch.equal(near.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    batch = eval_ds[:8]
+    ids, labels = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["labels"])
+
+    def kl_and_loss(student):
+        with torch.no_grad():
+            t = model.eval()(input_ids=ids).logits
+            out = student.eval()(input_ids=ids, labels=labels)
+        kl = F.kl_div(F.log_softmax(out.logits, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+        return kl.item() / ids.shape[1], out.loss.item()
+
+    (kl_near, loss_near), (kl_far, loss_far) = kl_and_loss(near), kl_and_loss(far)
+    print(f"llama student init: KL to teacher {kl_near:.3f} (teacher layers) vs {kl_far:.3f} (scratch)")
+    assert kl_near < 0.5 * kl_far and loss_near < loss_far, (kl_near, kl_far, loss_near, loss_far)
+
+
+@pytest.mark.slow
+def test_distill_llama_to_llama_two_processes(llama_teacher, tmp_path):
+    """configs/recipes/distill_tiny_llama.yaml on 2 processes (ZeRO-2): the Llama student from teacher layers learns
+    (its loss falls), ends below the same student trained from scratch, and summary.json reports its eval loss
+    next to the teacher's; final/ is a 2-layer Llama with the teacher's GQA layout."""
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "llama")
+    flags = list(SHORT)
+    for key, value in (("--config", LLAMA_DISTILL), ("--max_steps", "10"), ("--logging_steps", "1")):
+        flags[flags.index(key) + 1] = value
+    run(
+        launch_cmd(
+            "recipes/distill.py",
+            flags + ["--teacher_name_or_path", llama_teacher[0], "--output_dir", out],
+            deepspeed="configs/deepspeed/zero2.json",
+        ),
+        timeout=600,
+    )
+    s = summary(out)
+    assert s["world_size"] == 2 and s["layer_map"] == [0, 2] and s["student_layers"] == 2
+    logged = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r.get("phase") == "distill" and "kd" in r]
+    assert len(logged) == 10 and logged[-1]["loss"] < logged[0]["loss"], [r["loss"] for r in logged]
+    assert logged[-1]["kd"] < logged[0]["kd"]  # closer to the teacher's distribution
+    teacher, student, scratch = (s[w]["eval_loss"] for w in ("teacher", "student", "scratch"))
+    print(f"llama distill eval loss: teacher {teacher:.3f}, student {student:.3f}, scratch {scratch:.3f}")
+    assert math.isfinite(teacher) and student < scratch, (teacher, student, scratch)
+    assert s["quality_vs_teacher"] == pytest.approx(s["teacher"]["eval_ppl"] / s["student"]["eval_ppl"])
+    final = AutoModelForCausalLM.from_pretrained(os.path.join(out, "final"))
+    assert final.config.model_type == "llama" and final.config.num_hidden_layers == 2
+    assert final.config.num_key_value_heads == 2 and final.config.tie_word_embeddings
+
+
+def test_qwen2_student_keeps_per_layer_attention_types_of_its_blocks(tmp_path):
+    """Qwen2's config lists an attention type per layer: the 2-layer student's list has the 2 copied blocks' entries
+    (a 4-entry list on a 2-layer config would not be the model it describes), and it saves and loads."""
+    from transformers import AutoModelForCausalLM
+
+    from dsrecipes.distill.distillation import student_from_teacher
+    from dsrecipes.train.data import byte_tokenizer
+    from dsrecipes.train.models import load_model_config
+
+    torch.manual_seed(0)
+    config = load_model_config("configs/models/tiny_qwen2.json", byte_tokenizer())
+    config.layer_types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    teacher = AutoModelForCausalLM.from_config(config)
+    student, mapping = student_from_teacher(teacher, 2, "teacher_layers")
+    assert mapping == [0, 2] and student.config.layer_types == ["full_attention", "full_attention"]
+    assert torch.equal(student.model.layers[1].self_attn.q_proj.bias, teacher.model.layers[2].self_attn.q_proj.bias)
+    student.save_pretrained(str(tmp_path / "s"))
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "s"))
+    assert again.config.num_hidden_layers == 2 and again.config.layer_types == ["full_attention", "full_attention"]

@@ -270,6 +270,21 @@ def _train(hf_dir, tmp_root, name, *extra, deepspeed="configs/deepspeed/zero1.js
     return out
 
 
+def eval_loss_of(model, final: str) -> float:
+    """Plain transformers' loss of `model` on the recipe's first 4 eval batches (4 x 4 blocks of the generated set):
+    what the pipeline engine reports as final_eval_loss. tests/test_pipeline_llama.py uses it too."""
+    import torch
+
+    from dsrecipes.config.args import DataArguments, parse_args
+    from dsrecipes.train.data import build_lm_datasets, load_tokenizer
+
+    args, _ = parse_args((DataArguments,), ["--generated_docs", "300", "--eval_docs", "40"])
+    _, eval_ds, _ = build_lm_datasets(args, load_tokenizer(None, final))
+    ids = torch.as_tensor(eval_ds[:16]["input_ids"]).view(4, 4, -1)
+    with torch.no_grad():
+        return sum(model(input_ids=b, labels=b).loss.item() for b in ids) / 4
+
+
 @pytest.fixture(scope="module")
 def smoke_run(hf_dir, tmp_path_factory):
     return _train(hf_dir, str(tmp_path_factory.mktemp("pipe_runs")), "straight")
@@ -281,8 +296,6 @@ def test_two_stage_run_writes_metrics_summary_checkpoints_and_final(smoke_run, h
     from transformers import AutoModelForCausalLM
 
     from conftest import read_jsonl, summary
-    from dsrecipes.config.args import DataArguments, parse_args
-    from dsrecipes.train.data import build_lm_datasets, load_tokenizer
 
     steps = [r for r in read_jsonl(os.path.join(smoke_run, "metrics.jsonl")) if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7)) and steps[-1]["loss"] < steps[0]["loss"]
@@ -302,11 +315,7 @@ def test_two_stage_run_writes_metrics_summary_checkpoints_and_final(smoke_run, h
     final = os.path.join(smoke_run, "final")
     model = AutoModelForCausalLM.from_pretrained(final).eval()
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
-    args, _ = parse_args((DataArguments,), ["--generated_docs", "300", "--eval_docs", "40"])
-    _, eval_ds, _ = build_lm_datasets(args, load_tokenizer(None, final))
-    ids = torch.as_tensor(eval_ds[:16]["input_ids"]).view(4, 4, -1)
-    with torch.no_grad():
-        loss = sum(model(input_ids=b, labels=b).loss.item() for b in ids) / 4
+    loss = eval_loss_of(model, final)
     assert abs(loss - s["final_eval_loss"]) < 1e-4, (loss, s["final_eval_loss"])
     # the trained weights differ from the start: training happened and was exported
     start = AutoModelForCausalLM.from_pretrained(hf_dir)

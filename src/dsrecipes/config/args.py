@@ -27,15 +27,16 @@ from dsrecipes.config.fields import (  # noqa: F401  (re-exported: recipes and t
     TrainArguments,
 )
 from dsrecipes.config.fields_lora import LoraArguments
+from dsrecipes.config.fields_parallel import ParallelArguments
 from dsrecipes.config.fields_sft import SftArguments  # noqa: F401  (re-exported)
 from dsrecipes.config.limits import CHOICES_FROM, LIMITS, check_range, float_hint  # noqa: F401
 
 RECIPES: dict[str, tuple[type, ...]] = {
-    "train_lm": (ModelArguments, DataArguments, TrainArguments, LoraArguments),
+    "train_lm": (ModelArguments, DataArguments, TrainArguments, LoraArguments, ParallelArguments),
     "train_pipeline": (ModelArguments, DataArguments, TrainArguments, PipelineArguments),
     "distill": (ModelArguments, DataArguments, TrainArguments, DistillArguments),
     "serve": (ServeArguments,),
-    "sft": (ModelArguments, DataArguments, TrainArguments, SftArguments, LoraArguments),
+    "sft": (ModelArguments, DataArguments, TrainArguments, SftArguments, LoraArguments, ParallelArguments),
 }
 
 

@@ -211,6 +211,9 @@ def render(runs: list[dict] | None = None) -> str:
             row = [_cell_md(*cells[(a, b)]) for b in AXES[axis_b]]
             lines.append(f"| {LABELS[a]} | " + " | ".join(row) + " |")
     lines += _lora_md()
+    from dsrecipes.config import compat_sp, compat_tp  # they read this module's rule helpers
+
+    lines += compat_sp.sp_md() + compat_tp.tp_md()
     lines += ["", "## The rules", "", "| rule | concerns | refused | reason; fix | upstream |", "|---|---|---|---|---|"]
     for r in rules.RULES:
         concerns = "; ".join(f"{k} {_values(v)}" for k, v in r.concerns.items())

@@ -93,11 +93,16 @@ def _blocks_prefix(model) -> str:
     return next(name for name, mod in model.named_modules() if mod is blocks) + "."
 
 
-def student_config(teacher_config, num_layers: int):
+def student_config(teacher_config, num_layers: int, mapping: list[int] | None = None):
+    """The teacher's config with num_layers blocks; per-layer lists (Qwen2/Mistral layer_types: full or sliding
+    attention) follow the blocks copied from the teacher (mapping), else the first num_layers."""
     cfg = copy.deepcopy(teacher_config)
     for key in ("n_layer", "num_hidden_layers", "num_layers"):
         if hasattr(cfg, key):
             setattr(cfg, key, num_layers)
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) != num_layers:
+        cfg.layer_types = [types[i] for i in (mapping or range(num_layers))]
     return cfg
 
 
@@ -110,7 +115,7 @@ def student_from_teacher(teacher, num_layers: int, init: str, seed: int = 0):
     num_layers = num_layers or max(1, n_teacher // 2)
     mapping = layer_map(n_teacher, num_layers)
     torch.manual_seed(seed)
-    student = AutoModelForCausalLM.from_config(student_config(teacher.config, num_layers))
+    student = AutoModelForCausalLM.from_config(student_config(teacher.config, num_layers, mapping))
     if init == "scratch":
         return student, mapping
     prefix = _blocks_prefix(teacher)

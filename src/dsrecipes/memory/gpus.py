@@ -73,6 +73,9 @@ COST = {
     "paged_adamw_8bit": 1.05,
     "torchao_adamw_8bit": 1.05,
     "torchao_adamw_4bit": 1.08,
+    "sp": 1.10,
+    "tp": 1.20,
+    "tiled_mlp": 1.25,
 }
 
 
@@ -116,9 +119,13 @@ def fits(total, gpu, headroom=DEFAULT_HEADROOM):
     return {"gpu": name, "memory": gib * GiB, "usable": usable, "headroom": headroom, "fits": total <= usable}
 
 
-def step_cost(zero_stage, offload_optimizer, offload_param, checkpointing, optimizer):
-    """Relative step time of a setup (1.0 = ZeRO 0-2, no recompute, AdamW in GPU memory); see COST."""
+def step_cost(zero_stage, offload_optimizer, offload_param, checkpointing, optimizer, sp=1, tp=1, tiled_mlp=False):
+    """Relative step time of a setup (1.0 = ZeRO 0-2, no recompute, AdamW in GPU memory, no sp/tp); see COST.
+    sp and tp are flat factors for any degree within a node (Ulysses' all-to-all, AutoTP's all-reduces)."""
     cost = COST["recompute"] if checkpointing != "none" else 1.0
+    cost *= COST["sp"] if sp > 1 else 1.0
+    cost *= COST["tp"] if tp > 1 else 1.0
+    cost *= COST["tiled_mlp"] if tiled_mlp else 1.0
     cost *= COST["zero3"] if zero_stage == 3 else 1.0
     cost *= COST["offload_optimizer"] if offload_optimizer else 1.0
     cost *= COST["offload_param"] if offload_param else 1.0

@@ -10,14 +10,16 @@ optimizer states, activations, buffers, total, plus what offload puts in CPU mem
 dsrecipes.memory.gpus.GPUS; --json prints the same dict; --fit searches ZeRO stage x offload x checkpointing x
 optimizer and ranks what fits by a step-time model (gpus.COST). Model specs: dsrecipes.memory.model_spec.
 Model states follow the ZeRO paper (Rajbhandari et al. 2020); activations follow Korthikanti et al. 2022, term by
-term as HF GPT-2 saves them (calibrated with saved-tensor hooks). Derivations, calibration, the cost model and where
-DeepSpeed's own estimators differ: docs/planner.md.
+term as HF GPT-2 and HF Llama/Qwen2 save them (dsrecipes.memory.activations, calibrated with saved-tensor hooks);
+sp (Ulysses), tp (AutoTP) and the ALST tiling: dsrecipes.memory.planner_parallel. Derivations, calibration, the cost
+model and where DeepSpeed's own estimators differ: docs/planner.md.
 """
 
 from __future__ import annotations
 
 import math
 
+from dsrecipes.memory.activations import activation_bytes  # noqa: F401 (re-exported)
 from dsrecipes.memory.gpus import COST, DEFAULT_HEADROOM, GPUS, GiB, fits, gpu_memory, step_cost  # noqa: F401 (re-exported)
 from dsrecipes.memory.model_spec import (  # noqa: F401 (re-exported: the planner's API takes and makes specs)
     ModelSpec,
@@ -26,6 +28,7 @@ from dsrecipes.memory.model_spec import (  # noqa: F401 (re-exported: the planne
     load_model_spec,
     spec_from_config,
 )
+from dsrecipes.memory.planner_parallel import check_parallel, fit_search, tp_fraction  # noqa: F401 (re-exported)
 
 # Optimizer state bytes per trainable parameter, master weights excluded: (quantized bytes, block size, min numel).
 # 8/4-bit: two states, one fp32 scale per block per state; smaller tensors keep fp32 states (8 B).
@@ -56,39 +59,6 @@ def _state_bytes_per_param(spec, optimizer):
     return total / sum(spec.numels)
 
 
-def activation_bytes(spec, micro_batch, seq_len, precision="bf16", device="cuda", attention=None):
-    """Bytes saved for backward by one micro-batch: per transformer block, embeddings, and the final norm/LM head/loss.
-
-    Korthikanti et al. (16-bit, 1-byte dropout masks) give 34sbh + 5as^2b per block; with e-byte activations this is
-    the general form below. Each term is what HF GPT-2 saves (checked with saved-tensor hooks, tests/test_planner.py).
-    """
-    s, b, h, a, f, V = seq_len, micro_batch, spec.hidden, spec.heads, spec.ffn, spec.vocab
-    e = 4 if precision == "fp32" else 2
-    sbh, cpu = s * b * h, device == "cpu"
-    m = e if cpu else 1  # dropout keeps a mask: on CPU a scaled float mask of the input dtype, on CUDA a bool mask
-    g = 4 if spec.activation == "gelu_new" else 1  # HF's gelu_new is Python (pow, tanh, 2 muls): 4 saved tensors
-    layer = 5 * e * sbh  # inputs of ln_1, c_attn, c_proj, ln_2, c_fc
-    layer += (1 + g) * e * s * b * f  # GELU saves + input of the second MLP matmul
-    layer += 2 * 2 * e * s * b  # mean and rstd of both layer norms
-    layer += 2 * m * sbh if spec.resid_dropout else 0
-    attention = attention or spec.attention
-    if attention == "eager" or (cpu and spec.attn_dropout):  # unfused attention ("math" path)
-        ce = 4 if cpu and attention != "eager" else e  # CPU sdpa's math path upcasts to fp32
-        layer += 3 * ce * sbh  # q, k, v copies for the two batched matmuls
-        layer += a * s * s * b * (ce + ((ce if cpu else 1) + ce if spec.attn_dropout else 0))  # softmax, mask, dropped
-    else:  # fused kernel: q/k/v (CPU flash also keeps contiguous k, v copies) + fp32 logsumexp; output = c_proj input
-        layer += (5 if cpu else 3) * e * sbh + 4 * a * s * b
-    embed = 8 * s * b + 8 * s + (m * sbh if spec.embd_dropout else 0)  # token ids, position ids, dropout mask
-    head = 2 * e * sbh + 2 * e * s * b + 4 * s * b * V + 8 * s * b + 4  # ln_f in + stats, lm_head in, fp32 log-softmax
-    return {
-        "layer": layer,
-        "embed": embed,
-        "head": head,
-        "block_input": e * sbh,
-        "logits_transient": (e + 4) * s * b * V,
-    }
-
-
 def plan_memory(
     spec,
     *,
@@ -111,8 +81,14 @@ def plan_memory(
     prefetch_bucket_size=None,
     gpu=None,
     headroom=DEFAULT_HEADROOM,
+    sp=1,
+    tp=1,
+    tiled_mlp=False,
+    tiled_loss=False,
 ):
-    """Per-rank bytes of one training configuration (the worst rank: pipeline stage 0 or the last stage)."""
+    """Per-rank bytes of one training configuration (the worst rank: pipeline stage 0 or the last stage).
+    sp: Ulysses sequence-parallel degree (each rank holds seq_len / sp tokens; ZeRO still shards over every rank);
+    tp: AutoTP degree (block Linear layers sharded; ZeRO shards over world / tp); tiled_mlp / tiled_loss: ALST."""
     seq_len = seq_len or min(spec.positions or 1024, 1024)
     for key, value in (
         ("gpus_per_node", gpus_per_node),
@@ -120,6 +96,8 @@ def plan_memory(
         ("micro_batch", micro_batch),
         ("seq_len", seq_len),
         ("pipeline_stages", pipeline_stages),
+        ("sp", sp),
+        ("tp", tp),
     ):
         if not isinstance(value, int) or value <= 0:
             raise _bad(key, f"{value!r} must be a positive integer", f"give {key} >= 1")
@@ -150,15 +128,16 @@ def plan_memory(
     world = gpus_per_node * nodes
     if world % pipeline_stages:
         raise _bad("pipeline_stages", f"{world} GPUs do not split into {pipeline_stages} stages", "give a divisor")
+    check_parallel(spec, world, zero_stage, pipeline_stages, seq_len, sp, tp)
     if spec.positions and seq_len > spec.positions:
         raise _bad("seq_len", f"{seq_len} exceeds the model's {spec.positions} positions", "give a shorter --seq-len")
     k = every_k or max(1, round(math.sqrt(spec.layers)))
     if not isinstance(k, int) or k <= 0:
         raise _bad("every_k", f"{every_k!r} must be a positive integer", "give --every-k >= 1")
-    p, nd = pipeline_stages, world // pipeline_stages
+    p, nd = pipeline_stages, world // pipeline_stages // tp
 
-    # ---- model states (ZeRO paper; Psi = params on this pipeline stage, Psi_t = its trainable part)
-    psi = spec.params / p
+    # ---- model states (ZeRO paper; Psi = params on this pipeline stage and TP rank, Psi_t = its trainable part)
+    psi = spec.params * tp_fraction(spec, tp) / p
     psi_t = psi * (1 - frozen_fraction)
     pb = 4 if precision == "fp32" else 2  # model params and grads: fp32, or the 16-bit copies of mixed precision
     # fp32 master weights: mixed precision always (the paper's K = 12 = 4 + 8 for Adam); in fp32 only under ZeRO >= 1,
@@ -178,16 +157,28 @@ def plan_memory(
         cpu += (psi - persist) / nd * pb + persist * pb
 
     # ---- activations (one micro-batch; 1F1B keeps up to p micro-batches in flight on the first stage)
-    act = activation_bytes(spec, micro_batch, seq_len, precision, device, attention)
+    act = activation_bytes(
+        spec,
+        micro_batch,
+        seq_len,
+        precision,
+        device,
+        attention,
+        sp=sp,
+        tp=tp,
+        tiled_mlp=tiled_mlp,
+        tiled_loss=tiled_loss,
+    )
     layers = math.ceil(spec.layers / p)
     if checkpointing == "none":
-        per_layer, recompute = act["layer"] * layers, 0
+        per_layer, recompute = act["layer"] * layers + act["rope"], 0
     elif checkpointing == "every_k":  # keep the input of each k-block segment; backward recomputes one segment
         per_layer, recompute = act["block_input"] * math.ceil(layers / k), act["layer"] * min(k, layers)
     elif checkpointing == "layer_selective":  # blocks 0, k, 2k, ... keep their input, the others everything
         ks = every_k or 2
         picked = math.ceil(layers / ks)
         per_layer = act["block_input"] * picked + act["layer"] * (layers - picked)
+        per_layer += act["rope"] if picked < layers else 0
         # a checkpointed block is recomputed after the blocks behind it have freed theirs, so the recompute adds to
         # the peak only when the last block is checkpointed (backward recomputes it first, with everything held)
         recompute = act["layer"] if (layers - 1) % ks == 0 else 0
@@ -196,6 +187,7 @@ def plan_memory(
     first = p * (per_layer + act["embed"]) + (act["head"] if p == 1 else 0)
     last = per_layer + act["head"] if p > 1 else first
     saved = max(first, last)
+    recompute += act["mlp_recompute"]  # a tiled MLP recomputes one tile at a time in backward
     activations = saved + recompute
 
     # ---- buffers: ZeRO communication buckets, ZeRO-3's gathered layer + prefetch, the logits and their gradient
@@ -203,7 +195,7 @@ def plan_memory(
     pf = prefetch_bucket_size if prefetch_bucket_size is not None else int(0.9 * spec.hidden**2)
     buckets = {0: 0, 1: min(rb, psi_t) * pb, 2: rb * pb, 3: rb * pb + spec.largest_layer * 2 * pb + pf * pb}[zero_stage]
     logits = act["logits_transient"] if p == 1 or last >= first else 0
-    buffers = buckets + logits
+    buffers = buckets + logits + act["sp_all_to_all"]
 
     total = params + grads + opt + activations + buffers
     out = {
@@ -227,6 +219,12 @@ def plan_memory(
             "activation_head": act["head"],
             "buckets": int(buckets),
             "logits_transient": int(logits),
+            "sp_all_to_all": int(act["sp_all_to_all"]),
+            "mlp_recompute": int(act["mlp_recompute"]),
+            "tokens_per_rank": math.ceil(seq_len / sp) * micro_batch,
+            "tp_sharded_fraction": round(tp_fraction(spec, 1, sharded_only=True), 4),
+            "mlp_shards": act["mlp_shards"],
+            "loss_shards": act["loss_shards"],
             "every_k": k
             if checkpointing == "every_k"
             else ((every_k or 2) if checkpointing == "layer_selective" else None),
@@ -253,48 +251,16 @@ def plan_memory(
             "pipeline_stages": p,
             "device": device,
             "attention": attention or spec.attention,
+            "family": spec.family,
+            "kv_heads": spec.kv_heads,
+            "sp": sp,
+            "tp": tp,
+            "tiled_mlp": tiled_mlp,
+            "tiled_loss": tiled_loss,
         },
     }
     out["fit"] = fits(out["total"], gpu, headroom) if gpu else None
     return out
-
-
-def fit_search(spec, gpu, headroom=DEFAULT_HEADROOM, optimizers=("adamw", "adamw_8bit", "torchao_adamw_4bit"), **kw):
-    """Every ZeRO stage x offload x checkpointing x optimizer that fits `gpu`, fastest (then smallest) first."""
-    gpu_memory(gpu)
-    rows = []
-    for stage in (0, 1, 2, 3) if kw.get("pipeline_stages", 1) == 1 else (0, 1):
-        offloads = [(False, False)] + ([(True, False)] if stage else []) + ([(True, True)] if stage == 3 else [])
-        for off_opt, off_par in offloads:
-            for ckpt in ("none", "every_k", "full"):
-                for opt in optimizers:
-                    if opt in LOW_BIT and (off_opt or stage == 3):
-                        continue
-                    plan = plan_memory(
-                        spec,
-                        zero_stage=stage,
-                        offload_optimizer=off_opt,
-                        offload_param=off_par,
-                        checkpointing=ckpt,
-                        optimizer=opt,
-                        gpu=gpu,
-                        headroom=headroom,
-                        **kw,
-                    )
-                    if plan["fit"]["fits"]:
-                        rows.append(
-                            {
-                                "zero_stage": stage,
-                                "offload_optimizer": off_opt,
-                                "offload_param": off_par,
-                                "checkpointing": ckpt,
-                                "optimizer": opt,
-                                "total": plan["total"],
-                                "cpu_offload_per_node": plan["cpu_offload_per_node"],
-                                "relative_step_time": step_cost(stage, off_opt, off_par, ckpt, opt),
-                            }
-                        )
-    return sorted(rows, key=lambda r: (r["relative_step_time"], r["total"]))
 
 
 def deepspeed_estimate(

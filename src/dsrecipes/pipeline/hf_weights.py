@@ -105,7 +105,7 @@ def load_hf_weights(pipe, source, aliases: dict | None = None) -> None:
                     "<args>",
                     "model_name_or_path",
                     f"the checkpoint has no tensor {prefix + name!r}",
-                    "use a GPT-2 checkpoint saved by transformers",
+                    "use a checkpoint of this model type saved by transformers",
                 )
             if tuple(tensor.shape) != tuple(current.shape):
                 raise ConfigError(

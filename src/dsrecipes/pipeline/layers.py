@@ -1,14 +1,15 @@
-"""A GPT-2 causal LM as a DeepSpeed PipelineModule: the layers, their specs, the partition check and the module.
+"""A causal LM as a DeepSpeed PipelineModule: the layers, their specs, the partition check and the module.
 
-    config = pipeline_config(args, tokenizer)                      # HF GPT2Config (gpt2 models only)
+    config = pipeline_config(args, tokenizer)                      # HF config: gpt2, llama or qwen2
     pipe = build_pipeline(config, num_stages=2, partition_method="type:block", activation_checkpoint_interval=0)
     load_hf_weights(pipe, weight_source(args, config, tokenizer))  # dsrecipes.pipeline.hf_weights
     engine, *_ = deepspeed.initialize(model=pipe, optimizer=opt, config=ds_config)
     meter = BubbleMeter(engine)                                    # dsrecipes.pipeline.bubble: idle time per stage
     export_hf(pipe, config, tokenizer, "out/final")                # dsrecipes.pipeline.hf_weights; collective
 
-Layers: [wte, wpe + dropout, block x n_layer, ln_f, lm_head]. With tie_word_embeddings the first and the last
+GPT-2 layers: [wte, wpe + dropout, block x n_layer, ln_f, lm_head]. With tie_word_embeddings the first and the last
 are one TiedLayerSpec("wte"): both stages hold a copy, DeepSpeed all-reduces its gradient after backward.
+Llama-family layers (RoPE positions passed through the stages): dsrecipes.pipeline.llama_layers.
 Used by recipes/train_pipeline.py (through dsrecipes.pipeline.engine), benchmarks/throughput_pipeline.py and
 tests/test_pipeline.py.
 """
@@ -92,7 +93,7 @@ CHECKPOINTABLE = ["GPT2PositionPipe", "GPT2BlockPipe", "GPT2FinalNormPipe", "GPT
 
 # ----------------------------------------------------------------------------- config and specs
 def pipeline_config(args, tokenizer=None):
-    """The HF config of model_name_or_path (a local dir) or of model_config; only GPT-2 models."""
+    """The HF config of model_name_or_path (a local dir) or of model_config: GPT-2 or a Llama-family model."""
     from transformers import AutoConfig
 
     from dsrecipes.train.models import load_model_config
@@ -110,12 +111,21 @@ def pipeline_config(args, tokenizer=None):
         where = args.model_name_or_path
     else:
         config, where = load_model_config(args.model_config, tokenizer), args.model_config
-    if config.model_type != "gpt2":
+    from dsrecipes.pipeline.llama_layers import FAMILIES
+
+    if config.model_type != "gpt2" and config.model_type not in FAMILIES:
         raise ConfigError(
             where,
             "model_type",
             f"{config.model_type!r} is not supported by the pipeline recipe",
-            "use a GPT-2 model (model_type gpt2)",
+            f"use one of {['gpt2', *FAMILIES]}",
+        )
+    if getattr(config, "use_sliding_window", False):
+        raise ConfigError(
+            where,
+            "use_sliding_window",
+            "sliding-window attention needs a mask the pipeline does not pass",
+            "set it false",
         )
     if getattr(config, "add_cross_attention", False):
         raise ConfigError(
@@ -126,8 +136,34 @@ def pipeline_config(args, tokenizer=None):
     return config
 
 
+def hf_names(config) -> dict:
+    """HF parameter names: {"embeddings": prefixes, "block": regex with the block index, "embedding_weight"}."""
+    if config.model_type != "gpt2":
+        from dsrecipes.pipeline.llama_layers import hf_names as llama_names
+
+        return llama_names(config)
+    return {
+        "embeddings": ("transformer.wte.", "transformer.wpe."),
+        "block": r"transformer\.h\.(\d+)\.",
+        "embedding_weight": "transformer.wte.weight",
+    }
+
+
+def checkpointable_layers(config) -> list[str]:
+    if config.model_type == "gpt2":
+        return CHECKPOINTABLE
+    from dsrecipes.pipeline.llama_layers import checkpointable
+
+    return checkpointable(config.model_type)
+
+
 def layer_specs(config) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if config.model_type != "gpt2":
+        from dsrecipes.pipeline.llama_layers import llama_layer_specs
+
+        return llama_layer_specs(config)
 
     vocab, hidden = config.vocab_size, config.n_embd
     if config.tie_word_embeddings:
@@ -195,7 +231,7 @@ def build_pipeline(
         loss_fn=causal_lm_loss,
         partition_method=partition_method,
         activation_checkpoint_interval=activation_checkpoint_interval,
-        checkpointable_layers=CHECKPOINTABLE,
+        checkpointable_layers=checkpointable_layers(config),
         **({"activation_checkpoint_func": activation_checkpoint_func} if activation_checkpoint_func else {}),
     )
     compat.flag_pipeline_params_for_clipping(pipe)  # ZeRO-0 clipping counts every stage (see dsrecipes.compat)

@@ -90,19 +90,20 @@ def checkpointing_plan(args, config, ds_config: dict, where: str) -> Checkpointi
     if mode == "every_k":
         from dsrecipes.memory.activation_checkpointing import default_every_k
 
-        k = args.checkpoint_every_k or default_every_k(config.n_layer)
-        if k < 1 or k > config.n_layer:
+        n = config.num_hidden_layers
+        k = args.checkpoint_every_k or default_every_k(n)
+        if k < 1 or k > n:
             raise ConfigError(
                 where,
                 "checkpoint_every_k",
-                f"{k} is not between 1 and the {config.n_layer} blocks",
-                f"use 1..{config.n_layer}, or 0 for round(sqrt(n_layer)) = {default_every_k(config.n_layer)}",
+                f"{k} is not between 1 and the {n} blocks",
+                f"use 1..{n}, or 0 for round(sqrt(n_layer)) = {default_every_k(n)}",
             )
         return CheckpointingPlan(mode, k, reentrant, func)
     # deepspeed: DeepSpeed's own checkpoint configured from the JSON's activation_checkpointing section
     from dsrecipes.memory.activation_checkpointing import configure_deepspeed_checkpointing
 
-    knobs = configure_deepspeed_checkpointing(args, None, ds_config, n_blocks=config.n_layer)
+    knobs = configure_deepspeed_checkpointing(args, None, ds_config, n_blocks=config.num_hidden_layers)
     return CheckpointingPlan(mode, 1, True, checkpointing.checkpoint, knobs)
 
 
@@ -118,27 +119,33 @@ def head_config(config, args):
         return config, {}
     import copy
 
+    from dsrecipes.pipeline.layers import hf_names
+
     untied = copy.deepcopy(config)
     untied.tie_word_embeddings = False
-    return untied, {"lm_head.weight": "transformer.wte.weight"}
+    return untied, {"lm_head.weight": hf_names(config)["embedding_weight"]}
 
 
-def _frozen_by_args(name: str, args, patterns) -> bool:
-    if args.freeze_embeddings and name.startswith(("transformer.wte.", "transformer.wpe.")):
+def _frozen_by_args(name: str, args, patterns, names: dict) -> bool:
+    if args.freeze_embeddings and name.startswith(names["embeddings"]):
         return True
-    block = re.match(r"transformer\.h\.(\d+)\.", name)
+    block = re.match(names["block"], name)
     if block and int(block.group(1)) < args.freeze_first_n_blocks:
         return True
     return any(p.search(name) for p in patterns)
+
+
+def _input_requires_grad(_module, _inputs, out) -> None:
+    (out[0] if isinstance(out, tuple) else out).requires_grad_(True)  # Llama-family: (hidden, position_ids)
 
 
 def freeze_static(pipe, config, args, plan: CheckpointingPlan, where: str) -> int:
     """Collective. Freeze this stage's parameters by their HF names; -> frozen elements over all stages (a tied
     weight counted once). Refuses a stage left with nothing to train, the same way on every rank."""
     from dsrecipes.pipeline.hf_weights import local_hf_modules
-    from dsrecipes.pipeline.layers import GPT2TokenEmbeddingPipe
+    from dsrecipes.pipeline.layers import GPT2TokenEmbeddingPipe, hf_names
 
-    n_layer = config.n_layer
+    n_layer, names = config.num_hidden_layers, hf_names(config)
     if args.freeze_first_n_blocks > n_layer:
         raise ConfigError(
             where,
@@ -152,13 +159,14 @@ def freeze_static(pipe, config, args, plan: CheckpointingPlan, where: str) -> in
         raise ConfigError(where, "freeze_patterns", f"bad regex ({exc})", "fix the pattern") from None
     for prefix, module in local_hf_modules(pipe):
         for name, p in module.named_parameters():
-            if _frozen_by_args(prefix + name, args, patterns):
+            if _frozen_by_args(prefix + name, args, patterns, names):
                 p.requires_grad_(False)
-        frozen_input = isinstance(module, GPT2TokenEmbeddingPipe) and not module.weight.requires_grad
+        is_embedding = isinstance(module, GPT2TokenEmbeddingPipe) or getattr(module, "is_token_embedding", False)
+        frozen_input = is_embedding and not module.weight.requires_grad
         if frozen_input and plan.reentrant and plan.interval:
             # a reentrant checkpoint of the next segment would cut autograd off from the trainable blocks behind
             # a frozen embedding (what HF's enable_input_require_grads does for the same reason)
-            module.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+            module.register_forward_hook(_input_requires_grad)
     compat.drop_frozen_tied_weights(pipe)  # a frozen tied embedding + head has no gradient to all-reduce
     mine = [(n, p) for n, p in pipe.named_parameters() if not getattr(p, "ds_pipe_replicated", False)]
     local = {

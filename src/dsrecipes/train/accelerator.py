@@ -15,6 +15,7 @@ import torch
 
 from dsrecipes import compat
 from dsrecipes.config.errors import ConfigError
+from dsrecipes.parallel import sequence, tensor
 from dsrecipes.train import elastic
 
 
@@ -41,6 +42,7 @@ def make_accelerator(args, project: str):
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "tensorboard")
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        parallelism_config=sequence.parallelism_config(args),  # Ulysses SP (sequence_parallel_size > 1) or None
     )
 
 
@@ -115,7 +117,8 @@ def per_sample_lm_loss(logits, labels) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_lm(model, eval_dl, accelerator, max_batches: int = 0) -> float:
     """Mean per-sequence loss over the eval set, gathered across ranks (the padding duplicates that make
-    batches even are dropped by gather_for_metrics, which is why losses are kept per sample)."""
+    batches even are dropped by gather_for_metrics, which is why losses are kept per sample; under AutoTP each TP
+    group counts once: parallel.tensor.gather_for_metrics)."""
     was_training = model.training
     model.eval()
     losses = []
@@ -123,7 +126,7 @@ def evaluate_lm(model, eval_dl, accelerator, max_batches: int = 0) -> float:
         if max_batches and i >= max_batches:
             break
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-        losses.append(accelerator.gather_for_metrics(per_sample_lm_loss(logits, batch["labels"])))
+        losses.append(tensor.gather_for_metrics(accelerator, per_sample_lm_loss(logits, batch["labels"])))
     model.train(was_training)
     return torch.cat(losses).mean().item()
 

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsrecipes.config.errors import ConfigError
+from dsrecipes.parallel import tensor
 from dsrecipes.train import elastic, watchdog
 from dsrecipes.train.checkpoints import Checkpoints
 from dsrecipes.train.lock import lock_output_dir
@@ -161,6 +162,7 @@ class Loop:
                 "use more data or smaller batches",
             )
         batches = self._micro_batches(train_dl)
+        data_ranks = tensor.data_parallel_size(acc)  # the ranks of a tensor-parallel group share one batch
         wrapper = [None]  # the DeepSpeed engine wrapper whose engine.step() is timed (a rebuild replaces it)
 
         def step_fn():
@@ -184,7 +186,7 @@ class Loop:
                 micro.append((loss.detach().float(), logs))
                 self.data_sum += int(batch["input_ids"].sum())  # fingerprint of this rank's data order
                 self.batch_in_epoch += 1
-                self.count_tokens(batch["input_ids"].numel() * acc.num_processes, batch["input_ids"].shape[-1])
+                self.count_tokens(batch["input_ids"].numel() * data_ranks, batch["input_ids"].shape[-1])
                 if acc.sync_gradients:
                     with self.timer.part("optimizer"):
                         self.scheduler.step()
@@ -226,7 +228,8 @@ class Loop:
         a resumed epoch had already seen; a new iterator starts once the loop rolled the epoch over."""
         while True:
             train_dl.set_epoch(self.epoch)
-            part = self.acc.skip_first_batches(train_dl, self.batch_in_epoch) if self.batch_in_epoch else train_dl
+            skip = getattr(train_dl, "skip_first", None) or (lambda n: self.acc.skip_first_batches(train_dl, n))
+            part = skip(self.batch_in_epoch) if self.batch_in_epoch else train_dl  # skip_first: SP's sharded loader
             for batch in part:
                 yield batch
                 if self.batch_in_epoch == 0:
@@ -296,11 +299,9 @@ class Loop:
 
     def _global_data_sum(self) -> int:
         """The sum of the token ids every rank trained on since the last log: a fingerprint of which samples the
-        steps saw, independent of how they were split over ranks and micro-batches (an elastic resume keeps it)."""
-        total = torch.tensor([self.data_sum], dtype=torch.float64, device=self.acc.device)
-        if self.acc.num_processes > 1:
-            total = self.acc.reduce(total, reduction="sum")
-        return int(total.item())
+        steps saw, independent of how they were split over ranks and micro-batches (an elastic resume keeps it).
+        The ranks of a tensor-parallel group share a batch: they must agree and count once (parallel.tensor)."""
+        return tensor.data_sum(self.acc, self.data_sum)
 
     def _lr(self):
         return self.scheduler.get_last_lr()[0]

@@ -1,0 +1,93 @@
+"""The composition table's sequence-parallel section: SP x ZeRO stage x activation checkpointing x ALST tiling.
+
+    for label, kind, text in sp_rows(): ...   # kind: works | refused | gpu | allowed
+
+Each cell is the rule table's answer (config/rules.py with config/rules_sp.py) for sequence_parallel_size 2 on 2
+CPU processes, or the test that ran exactly that cell (tests/test_sequence_parallel.py: each run there matches the
+sp=1 loss curve), or "GPU only" for what a CPU run cannot show. config/compat_doc.py renders it like its LoRA section.
+"""
+
+from __future__ import annotations
+
+SP_TEST = "tests/test_sequence_parallel.py"
+STAGES = (None, 0, 1, 2, 3)  # None: plain DDP (no DeepSpeed)
+CHECKPOINTING = ("none", "hf_full", "every_k", "layer_selective", "selective_ops", "deepspeed")
+TILING = ("none", "mlp", "loss", "mlp+loss")
+# (zero, checkpointing, tiling) -> the test that trained exactly this cell with sp=2 and matched sp=1
+TESTED = {
+    (0, "none", "mlp+loss"): "test_sp2_cells_match_sp1[zero0_bf16]",
+    (2, "hf_full", "mlp+loss"): "test_recipe_sp2_matches_sp1",
+    (3, "deepspeed", "loss"): "test_sp2_cells_match_sp1[zero3_deepspeed_loss]",
+    (1, "layer_selective", "mlp"): "test_sp2_cells_match_sp1[zero1_layer_selective_mlp]",
+}
+# Beyond one SP group: sp=2 on 4 processes (2 groups, data parallel between them), ZeRO-2, full checkpointing, tiling
+DATA_PARALLEL_TEST = "test_sp2_with_data_parallel"
+# What CPU runs cannot show, per setting: (axis, value) -> why the cell is GPU only beyond the tested ones
+GPU_ONLY = {
+    ("attn", "flash_attention_2"): "flash-attention kernels (sp_attn_implementation) need a CUDA GPU",
+}
+
+
+def _label(zero, ckpt: str, tiling: str) -> str:
+    stage = "DDP" if zero is None else f"ZeRO-{zero}"
+    return f"sp=2, {stage}, checkpointing {ckpt}, tiling {tiling}"
+
+
+def sp_rows(sp: int = 2, world: int = 2) -> list[tuple[str, str, str]]:
+    """(label, kind, text) per SP cell: refused (the rule ids), works (the test that ran it) or allowed (no rule
+    refuses it and no test runs it yet)."""
+    from dsrecipes.config import rules
+
+    out = []
+    for zero in STAGES:
+        for ckpt in CHECKPOINTING:
+            for tiling in TILING:
+                s = rules.Settings(device="cpu", zero=zero, checkpointing=ckpt, tiling=tiling, sp=sp, world=world)
+                refused = rules.fired(s, refused=True)
+                label = _label(zero, ckpt, tiling)
+                if refused:
+                    out.append((label, "refused", "; ".join(f"{r.text(s)} [{r.id}]" for r in refused)))
+                elif (zero, ckpt, tiling) in TESTED:
+                    out.append((label, "works", f"`{SP_TEST}::{TESTED[zero, ckpt, tiling]}`"))
+                else:
+                    out.append((label, "allowed", "no rule refuses it; no test runs this cell with SP yet"))
+    s = rules.Settings(device="cpu", zero=2, checkpointing="hf_full", tiling="mlp+loss", sp=sp, world=2 * sp)
+    label = (
+        f"sp={sp} on {2 * sp} processes (2 SP groups, data parallel), ZeRO-2, checkpointing hf_full, tiling mlp+loss"
+    )
+    refused = rules.fired(s, refused=True)
+    out.append(
+        (label, "refused", "; ".join(r.id for r in refused))
+        if refused
+        else (label, "works", f"`{SP_TEST}::{DATA_PARALLEL_TEST}`")
+    )
+    for (axis, value), why in GPU_ONLY.items():
+        out.append((f"sp=2, {axis} {value}", "gpu", why))
+    return out
+
+
+def sp_md() -> list[str]:
+    """The section's markdown (the lead wires it into docs/compat.md through compat_doc.py): one grid row per ZeRO
+    stage x checkpointing mode, one column per tiling; each refusal's text once, below the grid."""
+    cells = {label: (kind, text) for label, kind, text in sp_rows()}
+    lines = ["", "## Sequence parallelism (sequence_parallel_size 2, 2 processes) and ALST tiling", ""]
+    lines += ["| ZeRO, checkpointing | " + " | ".join(f"tiling {t}" for t in TILING) + " |"]
+    lines += ["|---|" + "---|" * len(TILING)]
+    reasons: dict[str, str] = {}
+    for zero in STAGES:
+        for ckpt in CHECKPOINTING:
+            marks = []
+            for tiling in TILING:
+                kind, text = cells[_label(zero, ckpt, tiling)]
+                if kind == "refused":
+                    ids = [part.rsplit("[", 1)[1].rstrip("]") for part in text.split("; ") if "[" in part]
+                    reasons.update({i: part for i, part in zip(ids, text.split("; "))})
+                    marks.append("refused: " + ", ".join(ids))
+                else:
+                    marks.append({"works": f"**works** ({text})", "allowed": "allowed, not run"}[kind])
+            stage = "DDP" if zero is None else f"ZeRO-{zero}"
+            lines.append(f"| {stage}, {ckpt} | " + " | ".join(marks) + " |")
+    lines += [""] + [f"- `{i}`: {reasons[i].replace('|', '/')}" for i in sorted(reasons)]
+    lines += [f"- GPU only: {label}: {text}" for label, kind, text in sp_rows() if kind == "gpu"]
+    lines += [f"- {label}: **{kind}** {text}" for label, kind, text in sp_rows() if "data parallel" in label]
+    return lines

@@ -1,0 +1,1 @@
+"""Parallelism beyond data parallel: Ulysses sequence parallelism with ALST tiling (sequence.py)."""
