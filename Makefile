@@ -51,8 +51,12 @@ style: setup  ## ruff: fix what it can and reformat
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 	$(BIN)/ruff format $(LINT_PATHS)
 
-test: setup lint  ## lint, then run the whole CPU test suite
-	$(BIN)/python -m pytest tests -q --durations=40
+test: setup lint  ## lint, then run the whole CPU test suite (but the extended composition runs)
+	$(BIN)/python -m pytest tests -q --durations=40 -m "not extended"
+
+.PHONY: test-extended
+test-extended: setup  ## the extended composition runs behind docs/compat.md's AutoTP rows (~5-7 min)
+	$(BIN)/python -m pytest tests -q -m extended
 
 test-fast: setup  ## unit tests only (no multi-process launches)
 	$(BIN)/python -m pytest tests -q -m "not slow and not slurm"

@@ -64,7 +64,8 @@ def _loss_and_grads(model, batch, args):
 def worker(out_path: str, sp: int) -> None:
     """Every rank builds the same model; the unsplit references first, then Ulysses on groups of `sp` ranks. Rank r's
     loader holds batch r, so SP group g's micro-batch i is batch g*sp + i; its gradients averaged over all ranks (what
-    DeepSpeed does) must equal the mean over the groups of the unsplit gradients of their batches."""
+    ZeRO-3's reduce-scatter does; under ZeRO 0-2, which sum the SP ranks', sequence_loss scales the backward by 1/sp:
+    tests/test_sequence_parallel_cells.py) must equal the mean over the groups of the unsplit gradients."""
     import deepspeed
     import torch
     import torch.distributed as dist

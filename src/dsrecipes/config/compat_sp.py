@@ -3,8 +3,12 @@
     for label, kind, text in sp_rows(): ...   # kind: works | refused | gpu | allowed
 
 Each cell is the rule table's answer (config/rules.py with config/rules_sp.py) for sequence_parallel_size 2 on 2
-CPU processes, or the test that ran exactly that cell (tests/test_sequence_parallel.py: each run there matches the
-sp=1 loss curve), or "GPU only" for what a CPU run cannot show. config/compat_doc.py renders it like its LoRA section.
+CPU processes, or the test that ran exactly that cell, or "GPU only" for what a CPU run cannot show:
+tests/test_sequence_parallel.py runs a few cells as the recipe through `accelerate launch` (the sp=1 loss curve);
+tests/test_sequence_parallel_cells.py runs every cell the rule table allows (engine_cells) in one 2-rank torchrun
+process group, through DeepSpeed's engine directly (deepspeed.initialize with the SP mpu, not accelerate): 2 AdamW
+steps each, both losses and the first step's gradients equal to sp=1's in fp32. config/compat_doc.py renders it like
+its LoRA section.
 """
 
 from __future__ import annotations
@@ -20,6 +24,20 @@ TESTED = {
     (3, "deepspeed", "loss"): "test_sp2_cells_match_sp1[zero3_deepspeed_loss]",
     (1, "layer_selective", "mlp"): "test_sp2_cells_match_sp1[zero1_layer_selective_mlp]",
 }
+# Refused at the first step by parallel/sequence._sums_sp_gradients (a ConfigError line; the rule table's axes
+# do not see it): (zero, checkpointing, tiling) -> id, measured by tests/test_sequence_parallel_cells.py
+RUNTIME_REFUSED = {
+    (3, "selective_ops", "loss"): "zero3_selective_ops_tiled_loss",
+    (3, "selective_ops", "mlp+loss"): "zero3_selective_ops_tiled_loss",
+}
+RUNTIME_TEXT = {
+    "zero3_selective_ops_tiled_loss": "torch's selective checkpointing replays each block's ops in backward and "
+    "needs the same ones, but ZeRO-3's parameter all-gathers there differ from the forward's under tiled_loss "
+    "(c10d._allgather_base_ invocation not found in storage), refused by sequence_loss at the first step",
+}
+# Every other allowed DeepSpeed cell: one test parametrized over engine_cells(), ids zero{stage}-{ckpt}-{tiling}
+CELLS_TEST = "tests/test_sequence_parallel_cells.py"
+CELLS_TEST_FN = "test_sp2_cell_matches_sp1"
 # Beyond one SP group: sp=2 on 4 processes (2 groups, data parallel between them), ZeRO-2, full checkpointing, tiling
 DATA_PARALLEL_TEST = "test_sp2_with_data_parallel"
 # What CPU runs cannot show, per setting: (axis, value) -> why the cell is GPU only beyond the tested ones
@@ -33,11 +51,31 @@ def _label(zero, ckpt: str, tiling: str) -> str:
     return f"sp=2, {stage}, checkpointing {ckpt}, tiling {tiling}"
 
 
-def sp_rows(sp: int = 2, world: int = 2) -> list[tuple[str, str, str]]:
-    """(label, kind, text) per SP cell: refused (the rule ids), works (the test that ran it) or allowed (no rule
-    refuses it and no test runs it yet)."""
+def cell_id(zero: int, ckpt: str, tiling: str) -> str:
+    return f"zero{zero}-{ckpt}-{tiling}"
+
+
+def engine_cells(sp: int = 2, world: int = 2) -> list[tuple[int, str, str]]:
+    """Every DeepSpeed cell (ZeRO 0-3 x checkpointing x tiling) that the rule table does not refuse: what
+    tests/sp_cells_worker.py trains and tests/test_sequence_parallel_cells.py checks, one test id per cell."""
     from dsrecipes.config import rules
 
+    out = []
+    for zero in STAGES[1:]:
+        for ckpt in CHECKPOINTING:
+            for tiling in TILING:
+                s = rules.Settings(device="cpu", zero=zero, checkpointing=ckpt, tiling=tiling, sp=sp, world=world)
+                if not rules.fired(s, refused=True) and (zero, ckpt, tiling) not in RUNTIME_REFUSED:
+                    out.append((zero, ckpt, tiling))
+    return out
+
+
+def sp_rows(sp: int = 2, world: int = 2) -> list[tuple[str, str, str]]:
+    """(label, kind, text) per SP cell: refused (the rule ids), works (the test that ran it: the recipe's, else the
+    cells test's id) or allowed (no rule refuses it and no test runs it)."""
+    from dsrecipes.config import rules
+
+    engine = set(engine_cells(sp, world)) if (sp, world) == (2, 2) else set()  # the cells test runs sp=2, 2 ranks
     out = []
     for zero in STAGES:
         for ckpt in CHECKPOINTING:
@@ -47,8 +85,14 @@ def sp_rows(sp: int = 2, world: int = 2) -> list[tuple[str, str, str]]:
                 label = _label(zero, ckpt, tiling)
                 if refused:
                     out.append((label, "refused", "; ".join(f"{r.text(s)} [{r.id}]" for r in refused)))
+                elif (zero, ckpt, tiling) in RUNTIME_REFUSED and (sp, world) == (2, 2):
+                    rid = RUNTIME_REFUSED[zero, ckpt, tiling]
+                    out.append((label, "refused", f"{RUNTIME_TEXT[rid]} [{rid}]"))
                 elif (zero, ckpt, tiling) in TESTED:
                     out.append((label, "works", f"`{SP_TEST}::{TESTED[zero, ckpt, tiling]}`"))
+                elif (zero, ckpt, tiling) in engine:
+                    test = f"{CELLS_TEST}::{CELLS_TEST_FN}[{cell_id(zero, ckpt, tiling)}]"
+                    out.append((label, "works", f"`{test}` (through DeepSpeed's engine directly, not accelerate)"))
                 else:
                     out.append((label, "allowed", "no rule refuses it; no test runs this cell with SP yet"))
     s = rules.Settings(device="cpu", zero=2, checkpointing="hf_full", tiling="mlp+loss", sp=sp, world=2 * sp)
@@ -83,11 +127,20 @@ def sp_md() -> list[str]:
                     ids = [part.rsplit("[", 1)[1].rstrip("]") for part in text.split("; ") if "[" in part]
                     reasons.update({i: part for i, part in zip(ids, text.split("; "))})
                     marks.append("refused: " + ", ".join(ids))
+                elif text.startswith(f"`{CELLS_TEST}::"):
+                    marks.append(f"**works** (cells test `{cell_id(zero, ckpt, tiling)}`)")
                 else:
                     marks.append({"works": f"**works** ({text})", "allowed": "allowed, not run"}[kind])
             stage = "DDP" if zero is None else f"ZeRO-{zero}"
             lines.append(f"| {stage}, {ckpt} | " + " | ".join(marks) + " |")
     lines += [""] + [f"- `{i}`: {reasons[i].replace('|', '/')}" for i in sorted(reasons)]
+    lines += [
+        f"- cells test `ID`: `{CELLS_TEST}::{CELLS_TEST_FN}[ID]`, one 2-rank torchrun process group "
+        "(tests/sp_cells_worker.py) running every allowed DeepSpeed cell through DeepSpeed's engine directly, not "
+        "accelerate: deepspeed.initialize with the shipped zero{0,1,2,3}.json and DeepSpeed's SP mpu, the recipes' "
+        "prepare_model, apply_activation_checkpointing and loss_hook; 2 AdamW steps on the tiny Llama, both losses "
+        "and the first step's gradients equal to sp=1's (fp32, 1e-5 relative), every parameter updated"
+    ]
     lines += [f"- GPU only: {label}: {text}" for label, kind, text in sp_rows() if kind == "gpu"]
     lines += [f"- {label}: **{kind}** {text}" for label, kind, text in sp_rows() if "data parallel" in label]
     return lines

@@ -9,7 +9,11 @@ Known DeepSpeed bugs checked on 0.19.8 instead of refused: ZeRO stage 0 with SP 
 [zero0_bf16]); sp_size < world size (#7672, the backward of torch's differentiable all_gather indexing by the global
 rank) does not arise: the loss is summed over the SP group by an all-reduce whose backward is an all-reduce
 (parallel/sequence._GroupSum; test_sp2_with_data_parallel). Resuming on another SP layout (#8226) is refused by
-parallel/sequence.check_resume, the same layout resumes exactly.
+parallel/sequence.check_resume, the same layout resumes exactly. Gradient scale under SP (#5248): ZeRO 0-2 sum the
+SP ranks' gradients, ZeRO-3's reduce-scatter averages them; sequence_loss scales its backward to the engine
+(sequence._sums_sp_gradients) and refuses ZeRO-3 with reduce_scatter: false, which does both (a DeepSpeed JSON key
+the rule table does not see: the first step's ConfigError). Every cell the rules here allow trains with the sp=1
+losses and gradients: tests/test_sequence_parallel_cells.py.
 """
 
 from __future__ import annotations

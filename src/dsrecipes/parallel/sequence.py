@@ -293,8 +293,10 @@ def token_loss_sum(model, batch: dict, args) -> tuple[torch.Tensor, torch.Tensor
 
 def sequence_loss(model, batch: dict, args) -> torch.Tensor:
     """The mean CE over the labelled tokens of the whole (split) sequence, the same value on every rank of the SP
-    group; its gradient is the unsplit loss's (the all-reduce's backward sums the group's incoming gradients, and
-    DeepSpeed averages gradients over all ranks)."""
+    group; its gradient is the unsplit loss's: the all-reduce's backward sums the group's incoming gradients, so
+    the ranks' gradients average to it (what a plain module's caller and ZeRO-3's reduce-scatter do), and under a
+    DeepSpeed engine that sums the SP ranks' gradients instead it takes 1/sp of that (_sums_sp_gradients)."""
+    scale = 1.0 / sp_size(args) if sp_size(args) > 1 and _sums_sp_gradients(model, args) else 1.0
     ce, count = token_loss_sum(model, batch, args)
     total = count.detach().to(torch.float32)
     if sp_size(args) > 1:
@@ -303,19 +305,50 @@ def sequence_loss(model, batch: dict, args) -> torch.Tensor:
 
         group = mpu.get_sequence_parallel_group()
         dist.all_reduce(total, group=group)
-        return _GroupSum.apply(ce / total.clamp(min=1), group)
+        return _GroupSum.apply(ce / total.clamp(min=1), group, scale)
     return ce / total.clamp(min=1)
+
+
+def _sums_sp_gradients(model, args) -> bool:
+    """DeepSpeed 0.19 reduces gradients under SP two ways: ZeRO 0-2 divide the all-reduced sum by world / sp (the
+    SP ranks' gradients add up, DeepSpeed #5248, #5555), ZeRO-3's default reduce-scatter (reduce_scatter_coalesced)
+    divides by the world size (they average). Measured in tests/test_sequence_parallel_cells.py: before this scale,
+    ZeRO 0-2 at sp=2 gave twice the sp=1 gradient (AdamW's update hides the factor; the gradient norm, clipping and
+    Adam's eps do not). ZeRO-3 without reduce_scatter does both, bucket by bucket: refused; so is ZeRO-3 with
+    selective_ops and tiled_loss (measured there: the recompute's all-gathers differ from the forward's)."""
+    stage = getattr(model, "zero_optimization_stage", None)
+    if stage is None:  # a plain module: its caller averages the ranks' gradients (tests/sp_worker.py)
+        return False
+    if stage() == 3 and not model.zero_reduce_scatter():
+        raise ConfigError(
+            "<deepspeed>",
+            "zero_optimization.reduce_scatter",
+            "false with sequence_parallel_size > 1: ZeRO-3 then sums the SP ranks' gradients in its contiguous "
+            "buckets and averages them in the others (DeepSpeed #5248), so no loss scale gives the true gradient",
+            "leave reduce_scatter at its default (true) under sequence parallelism",
+        )
+    if stage() == 3 and args.tiled_loss and getattr(args, "gradient_checkpointing", None) == "selective_ops":
+        raise ConfigError(
+            "<args>",
+            "gradient_checkpointing",
+            "selective_ops with ZeRO-3, tiled_loss and sequence_parallel_size > 1: torch's selective checkpointing "
+            "replays each block's ops in backward and needs the same ones, but ZeRO-3's parameter all-gathers there "
+            "differ from the forward's (RuntimeError: c10d._allgather_base_ invocation index N encountered during "
+            "backward but not found in storage; no upstream issue found)",
+            "use gradient_checkpointing: full or layer_selective, tiled_loss: false, or ZeRO 0-2",
+        )
+    return stage() < 3
 
 
 class _GroupSum(torch.autograd.Function):
     """Differentiable sum over the SP group: forward all-reduces the shards' terms, backward all-reduces the
-    incoming gradients (every rank's loss depends on every rank's term)."""
+    incoming gradients (every rank's loss depends on every rank's term), times `scale`."""
 
     @staticmethod
-    def forward(ctx, value, group):
+    def forward(ctx, value, group, scale=1.0):
         import torch.distributed as dist
 
-        ctx.group = group
+        ctx.group, ctx.scale = group, scale
         out = value.clone()
         dist.all_reduce(out, group=group)
         return out
@@ -326,7 +359,7 @@ class _GroupSum(torch.autograd.Function):
 
         grad = grad.clone()
         dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return grad * ctx.scale, None, None
 
 
 class _LossModel:
