@@ -278,12 +278,22 @@ def lora_rows() -> list[tuple[str, str, str]]:
     return out
 
 
+MARKS = {
+    "works": "**works** ",
+    "refused": "**refused**: ",
+    "gpu": "**GPU only**: ",
+    "allowed": "**allowed, not run**: ",
+}
+
+
+def rows_md(title: str, head: str, rows: list[tuple[str, str, str]]) -> list[str]:
+    """A two-column section of docs/compat.md: one (label, kind, text) row per line (the LoRA and AutoTP sections)."""
+    lines = ["", f"## {title}", "", f"| {head} | |", "|---|---|"]
+    return lines + [f"| {label} | {MARKS[kind]}{text.replace('|', '/')} |" for label, kind, text in rows]
+
+
 def _lora_md() -> list[str]:
-    lines = ["", "## LoRA (lora_r > 0)", "", "| LoRA with | |", "|---|---|"]
-    marks = {"works": "**works** ", "refused": "**refused**: ", "allowed": "**allowed, not run**: "}
-    for label, kind, text in lora_rows():
-        lines.append(f"| {label} | {marks[kind]}{text.replace('|', '/')} |")
-    return lines
+    return rows_md("LoRA (lora_r > 0)", "LoRA with", lora_rows())
 
 
 def _values(v) -> str:

@@ -87,13 +87,7 @@ def tp_rows() -> list[tuple[str, str, str]]:
 
 
 def tp_md() -> list[str]:
-    lines = ["", "## AutoTP training (tensor_parallel.autotp_size = 2)", "", "| TP with | |", "|---|---|"]
-    marks = {
-        "works": "**works** ",
-        "refused": "**refused**: ",
-        "gpu": "**GPU only**: ",
-        "allowed": "**allowed, not run**: ",
-    }
-    for label, kind, text in tp_rows():
-        lines.append(f"| {label} | {marks[kind]}{text.replace('|', '/')} |")
+    from dsrecipes.config.compat_doc import rows_md  # compat_doc imports this module inside render()
+
+    lines = rows_md("AutoTP training (tensor_parallel.autotp_size = 2)", "TP with", tp_rows())
     return lines + ["", f"The runs of `{ROWS_TEST}` are extended tests: `make test-extended`, not `make test`."]
