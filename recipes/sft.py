@@ -81,6 +81,7 @@ def main(args, where):
 
     # ------------------------------------------------------------------ exact match before, train, exact match after
     em_kw = {"batch_size": args.exact_match_batch_size, "max_new_tokens": args.exact_match_max_new_tokens}
+    em_kw["equal_lengths"] = sequence.sp_size(args) > 1  # Ulysses drops the left-padding mask (sft/exact_match.py)
     # the starting model: a resumed run loads its checkpoint inside loop.run, so `before` is always the start's
     before = exact_match(model, tokenizer, data.heldout, accelerator, **em_kw)
     counter = TokenCounter()

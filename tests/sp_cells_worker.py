@@ -30,10 +30,10 @@ import types
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA = "configs/models/tiny_llama.json"
 SEQ, BATCH, VOCAB, STEPS, LR = 32, 2, 97, 2, 1e-2
-REFUSALS = {  # name -> (zero, checkpointing, tiling, zero_optimization overrides): refused by sequence_loss
-    "zero3-reduce_scatter_false": (3, "none", "none", {"reduce_scatter": False}),  # mixes both reductions
-    "zero3-selective_ops-loss": (3, "selective_ops", "loss", {}),  # compat_sp.RUNTIME_REFUSED
-}
+# Cells the rule table refuses (config/rules_sp.py), trained anyway to show why: name -> (zero, checkpointing,
+# tiling, zero_optimization overrides). ZeRO-3 with reduce_scatter false trains, with the wrong gradient
+# (sp_zero3_reduce_scatter_off); ZeRO-3 + selective_ops + tiled_loss is not run (it fails in backward).
+UNGUARDED = {"zero3-reduce_scatter_false": (3, "none", "none", {"reduce_scatter": False})}
 CKPT_MODE = {"hf_full": "full"}  # compat_sp's checkpointing name -> the recipe's gradient_checkpointing value
 
 
@@ -211,14 +211,15 @@ def worker(out_path: str, only: list[str]) -> None:
         disable_in_eval=True,
     )
     rows = [{"cell": "reference", "losses": ref_losses, "seconds": time.time() - t0}]
-    for zero, ckpt, tiling in allowed_cells():
-        name = compat_sp.cell_id(zero, ckpt, tiling)
+    cells = [(compat_sp.cell_id(*c), *c, {}) for c in allowed_cells()]
+    cells += [("unguarded:" + name, *cell) for name, cell in UNGUARDED.items()]  # last
+    for name, zero, ckpt, tiling, extra in cells:
         if only and name not in only:
             continue
         t = time.time()
         row = {"cell": name, "zero": zero, "checkpointing": ckpt, "tiling": tiling, "ref_losses": ref_losses}
         try:
-            got = run_cell(zero, ckpt, tiling, config, state, data, rank, mpu)
+            got = run_cell(zero, ckpt, tiling, config, state, data, rank, mpu, extra)
         except Exception as exc:  # recorded per cell; the next cell runs (both ranks fail alike: same code, data)
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             row["traceback"] = traceback.format_exc()[-4000:]
@@ -243,17 +244,6 @@ def worker(out_path: str, only: list[str]) -> None:
         rows.append(row)
         gc.collect()
         dist.barrier()
-    from dsrecipes.config.errors import ConfigError
-
-    for name, (zero, ckpt, tiling, extra) in REFUSALS.items():  # last: a refused engine is left as it is
-        if only and name not in only:
-            continue
-        row = {"cell": "refused:" + name}
-        try:
-            run_cell(zero, ckpt, tiling, config, state, data, rank, mpu, extra)
-        except ConfigError as exc:
-            row["error_line"] = exc.line()
-        rows.append(row)
     if rank == 0:
         with open(out_path, "w") as fh:
             json.dump(rows, fh, indent=1)

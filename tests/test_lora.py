@@ -337,5 +337,7 @@ def test_qlora_nf4_one_process_resumes_exactly_and_exports_dequantized_merge(tmp
 
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(straight, "final")).eval()
     check_checkpoint(straight, fp32_params=sum(p.numel() for p in merged.parameters()))
+    # the summary counts the NF4 weights by their logical shape, not their packed storage (half as many elements)
+    assert s["params"] == sum(p.numel() for p in merged.parameters()) + s["lora"]["adapter_params"], s["lora"]
     tok = AutoTokenizer.from_pretrained(os.path.join(straight, "final"))
     assert abs(eval_loss_of(merged, tok) - s["final_eval_loss"]) < 1e-4

@@ -68,6 +68,16 @@ REFUSED = {
         {"sequence_parallel_size": 2},
         None,
     ),
+    "sp_zero3_reduce_scatter_off": (
+        {"zero_optimization": {"stage": 3, "reduce_scatter": False}},
+        {"sequence_parallel_size": 2},
+        None,
+    ),
+    "sp_zero3_selective_ops_tiled_loss": (
+        {"zero_optimization": {"stage": 3}},
+        {"sequence_parallel_size": 2, "gradient_checkpointing": "selective_ops", "tiled_loss": True},
+        None,
+    ),
     "sp_prefix_cache": (
         {"zero_optimization": {"stage": 2}},
         {"sequence_parallel_size": 2, "freeze_embeddings": True, "freeze_cache": "memory"},
@@ -192,6 +202,77 @@ def test_load_universal_is_refused_only_when_set_by_hand():
     assert [fired(stage, v) for stage in (0, 1, 2, 3) for v in (False, None, "true")] == [[]] * 12
     assert rules.fired(rules.settings_from({}, {"zero_optimization": {"stage": 3}})) == []
     assert rules.BY_ID["load_universal_zero3"].issue == "deepspeedai/DeepSpeed#7546"
+
+
+# ---------------------------------------------------------------------------- SP: what the engine cannot train
+SP2 = "configs/recipes/train_tiny_llama_sp2.yaml"
+DS_2PROC = "configs/accelerate/deepspeed_cpu_2proc.yaml"
+SP_ENGINE = {  # rule id -> (zero_optimization overrides of zero3.json, recipe flags, the key, words of the fix)
+    "sp_zero3_reduce_scatter_off": (
+        {"reduce_scatter": False},
+        [],
+        "zero_optimization.reduce_scatter",
+        "leave reduce_scatter at its default (true)",
+    ),
+    "sp_zero3_selective_ops_tiled_loss": (
+        {},
+        ["--gradient_checkpointing", "selective_ops", "--tiled_loss", "true"],
+        "gradient_checkpointing",
+        "use gradient_checkpointing: full or layer_selective",
+    ),
+}
+
+
+def _zero3(tmp_path, extra: dict) -> str:
+    with open(os.path.join(ROOT, "configs/deepspeed/zero3.json")) as fh:
+        ds = json.load(fh)
+    ds["zero_optimization"] |= extra
+    return write(tmp_path, "zero3_sp.json", ds)
+
+
+@pytest.mark.parametrize("rule_id", sorted(SP_ENGINE))
+def test_sp_engine_refusal_is_one_line_in_check(tmp_path, rule_id):
+    """`dsrecipes check` on the shipped SP recipe under ZeRO-3 with reduce_scatter: false (DeepSpeed #5248: no loss
+    scale gives the true gradient) or selective_ops + tiled_loss (its backward fails): one `error:` line naming the
+    key and the fix, before anything trains (these were the first step's ConfigError)."""
+    from conftest import dsrecipes_cli
+
+    extra, flags, key, fix = SP_ENGINE[rule_id]
+    ds = _zero3(tmp_path, extra)
+    proc = dsrecipes_cli("check", "--recipe", SP2, "--accelerate", DS_2PROC, "--deepspeed", ds, "--", *flags)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, errors
+    where = ds if key.startswith("zero_optimization") else SP2
+    assert errors[0].startswith(f"error: {where}: {key}: ") and fix in errors[0], errors[0]
+    ok = dsrecipes_cli("check", "--recipe", SP2, "--accelerate", DS_2PROC, "--deepspeed", _zero3(tmp_path, {}))
+    assert ok.returncode == 0, ok.stderr[-2000:]  # ZeRO-3 with SP and the defaults passes
+
+
+def test_start_up_check_sees_reduce_scatter_in_the_json_accelerate_was_given(monkeypatch, tmp_path):
+    """The launch path: accelerate's DeepSpeedPlugin, built from ACCELERATE_DEEPSPEED_CONFIG_FILE as under
+    `accelerate launch`, keeps zero_optimization.reduce_scatter, so the recipe's check.check_run refuses the run."""
+    import types
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    from dsrecipes.config import args as recipe_args
+    from dsrecipes.config import check
+
+    ds = _zero3(tmp_path, {"reduce_scatter": False})
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", ds)
+    plugin = DeepSpeedPlugin()
+    assert plugin.deepspeed_config["zero_optimization"]["reduce_scatter"] is False
+    args, _ = recipe_args.parse_args(recipe_args.RECIPES["train_lm"], ["--config", SP2])
+    acc = types.SimpleNamespace(
+        state=types.SimpleNamespace(deepspeed_plugin=plugin),
+        mixed_precision="no",
+        num_processes=2,
+        device=types.SimpleNamespace(type="cpu"),
+    )
+    with pytest.raises(check.ConfigErrors) as exc:
+        check.check_run(acc, args, SP2)
+    assert str(exc.value).startswith(f"error: {ds}: zero_optimization.reduce_scatter: false with sequence_parallel")
 
 
 # ---------------------------------------------------------------------------- the one "auto" filler

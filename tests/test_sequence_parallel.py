@@ -7,6 +7,12 @@ recipe run through `accelerate launch`, and the refusals of config/rules_sp.py.
   shard with no labelled token at all); tiling at sp=1 equals no tiling.
 - test_recipe_sp2_matches_sp1: recipes/train_lm.py with sp=2 on 2 processes (ZeRO-2, tiled MLP and loss, full
   checkpointing) against sp=1 on 1 process, same global batch: the loss curve and the eval loss agree.
+- test_sft_sp2_matches_sp1: recipes/sft.py with sp=2 on 2 processes (ZeRO-3, tiled MLP and loss, padded chat rows)
+  against sp=1 on 1 process: the same samples, loss curve, held-out loss, exact match and final weights.
+- test_lora_with_tiling_matches_sp1: tests/sp_lora_worker.py (2 gloo ranks): LoRA adapters with tiled loss (and MLP)
+  at sp=2 through DeepSpeed's engine, ZeRO-2 and 3, and tiled at sp=1: losses and adapter gradients equal sp=1's.
+- test_greedy_under_ulysses_needs_equal_lengths: the same worker; DeepSpeed's Ulysses attention drops a left-padded
+  prompt's mask (eval mode too), which sft's exact match avoids with equal-length batches under SP.
 - refusals: one `error:` line each, from `dsrecipes check` and from the recipe's start-up check.
 
 Run: .venv/bin/python -m pytest tests/test_sequence_parallel.py -q
@@ -20,6 +26,7 @@ import types
 
 import pytest
 
+from sp_lora_worker import LORA_CELLS
 from sp_worker import LLAMA, ROOT, VARIANTS, _args
 
 
@@ -213,6 +220,159 @@ def test_sp2_with_data_parallel(runs):
     assert abs(e2[3] - e1[3]) <= 1e-5 * e1[3]
     s = summary(out)
     assert s["world_size"] == 4 and s["tokens"] == 3 * 4 * 256
+
+
+# ----------------------------------------------------------------------------- sft.py under SP, 2 processes
+SFT_SP2 = "configs/recipes/sft_tiny_llama_sp2.yaml"
+SFT_RUN = {  # 30 steps: enough for a few exact-match hits, so that their equality means something
+    "max_steps": 30,
+    "logging_steps": 1,
+    "eval_steps": 15,
+    "save_steps": 0,
+    "report_to": "none",
+    "generated_conversations": 400,  # 50 batches of 8: the 30 steps stay in the first epoch
+    "generated_eval_conversations": 40,
+    "warmup_steps": 5,
+}
+
+
+def _sft(out, num_processes=None, **overrides):
+    from conftest import launch_cmd, run
+
+    flags = ["--config", SFT_SP2, "--output_dir", str(out)]
+    for key, value in {**SFT_RUN, **overrides}.items():
+        flags += [f"--{key}", str(value)]
+    cmd = launch_cmd("recipes/sft.py", flags, deepspeed="configs/deepspeed/zero3.json", num_processes=num_processes)
+    return run(cmd, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory):
+    """The shipped SP SFT recipe (sp=2, tiled MLP and loss) on 2 processes and sp=1 on 1 process (no tiling), both
+    ZeRO-3 and the same per_device_train_batch_size 8: the SP group trains rank 0's batch, then rank 1's, which are
+    batches 1 and 2 of the one process's loader (the same global batch of 8 conversations a step)."""
+    base = tmp_path_factory.mktemp("sft_sp")
+    _sft(base / "sp2")
+    _sft(base / "sp1", num_processes=1, sequence_parallel_size=1, tiled_mlp="false", tiled_loss="false")
+    return base
+
+
+@pytest.mark.slow
+def test_sft_sp2_matches_sp1(sft_runs):
+    """sft.py under SP: the same conversations every step (the data fingerprint differs only by the padding SP adds:
+    every row padded to block_size), the loss curve and held-out loss within 1e-4 relative (measured: ~5e-7), the same
+    exact match before and after, the summary's sequence_parallel facts, and a final/ that plain from_pretrained
+    loads with the sp=1 run's weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import summary
+
+    (t1, e1), (t2, e2) = _losses(sft_runs / "sp1"), _losses(sft_runs / "sp2")
+    assert sorted(t1) == sorted(t2) == list(range(1, 31)) and sorted(e1) == sorted(e2) == [15, 30]
+    s1, s2 = summary(sft_runs / "sp1"), summary(sft_runs / "sp2")
+    pad, rows, width = 256, 8, 128  # the byte tokenizer's pad id (its EOS), per_device_train_batch_size, block_size
+    for step in t1:
+        extra, rest = divmod(t2[step][1] - t1[step][1], pad * rows)  # sp=2 rows: (block_size - longest) more pads
+        assert rest == 0 and 0 <= extra < width, (step, t1[step], t2[step])
+        assert abs(t2[step][0] - t1[step][0]) <= 1e-4 * t1[step][0], (step, t1[step], t2[step])
+    for step in e1:
+        assert abs(e2[step] - e1[step]) <= 1e-4 * e1[step], (step, e1[step], e2[step])
+    assert t1[30][0] < t1[1][0] - 2.0  # it trained
+    assert s1["real_tokens"] == s2["real_tokens"] > 0 and s2["tokens"] == 30 * rows * width > s1["tokens"]
+    for when in ("before", "after"):
+        a, b = s1["exact_match"][when], s2["exact_match"][when]
+        assert (a["correct"], a["turns"], a["exact_match"]) == (b["correct"], b["turns"], b["exact_match"]), when
+    assert s2["exact_match_after"] == s1["exact_match_after"] > 0 and s2["exact_match"]["after"]["turns"] >= 40
+    sp = s2["sequence_parallel"]
+    assert sp["sp_size"] == 2 and sp["tiled_mlp"] and sp["tiled_loss"] and sp["attn_implementation"] == "sdpa"
+    assert s1["sequence_parallel"] is None and s2["packing"] is False
+    assert s2["world_size"] == 2 and s2["zero_stage"] == s1["zero_stage"] == 3 and s2["status"] == "completed"
+    m1 = AutoModelForCausalLM.from_pretrained(sft_runs / "sp1" / "final")
+    m2 = AutoModelForCausalLM.from_pretrained(sft_runs / "sp2" / "final")
+    w1, w2 = m1.state_dict(), m2.state_dict()
+    assert sorted(w1) == sorted(w2)
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert diff <= 1e-4 and all(torch.isfinite(w).all() for w in w2.values()), diff
+    print(
+        "sft sp=2 vs sp=1: max rel loss diff %.2e, eval %.2e, weights %.2e, exact match %.3f"
+        % (
+            max(abs(t2[k][0] - t1[k][0]) / t1[k][0] for k in t1),
+            max(abs(e2[k] - e1[k]) / e1[k] for k in e1),
+            diff,
+            s2["exact_match_after"],
+        )
+    )
+
+
+def test_sft_rows_under_sp_have_one_width_that_sp_divides():
+    """DeepSpeed's UlyssesSPDataLoaderAdapter all-gathers every rank's batch (gloo refuses uneven sizes) and splits
+    its width by sp: under SP the SFT collator pads every row to block_size rounded up to a multiple of sp."""
+    from dsrecipes.sft.data import collate_width
+
+    def args(sp, block, cache="none"):
+        return types.SimpleNamespace(sequence_parallel_size=sp, block_size=block, freeze_cache=cache)
+
+    assert collate_width(args(1, 128)) is None and collate_width(args(1, 128, "memory")) == 128
+    assert collate_width(args(2, 128)) == 128 and collate_width(args(2, 127)) == 128 and collate_width(args(4, 6)) == 8
+
+
+def test_exact_match_batches_of_equal_lengths_cover_each_ranks_questions():
+    """equal_lengths (sft under SP): every batch holds prompts of one length; each rank gets its own questions
+    (every world-th) once; the batch count a rank runs is what exact_match computes for all ranks."""
+    from dsrecipes.sft.exact_match import question_batches
+
+    lengths = [5, 7, 5, 9, 7, 7, 5, 9, 9, 5, 7]
+    for world in (1, 2, 3):
+        for rank in range(world):
+            plain = question_batches(lengths, rank, world, 2, False)
+            equal = question_batches(lengths, rank, world, 2, True)
+            mine = list(range(rank, len(lengths), world))
+            assert sum(plain, []) == mine and sorted(sum(equal, [])) == mine
+            assert all(len(b) <= 2 for b in plain + equal)
+            assert all(len({lengths[i] for i in b}) == 1 for b in equal)
+    assert question_batches(lengths, 0, 1, 32, False) == [list(range(len(lengths)))]
+
+
+# ----------------------------------------------------------------------------- LoRA with tiling, greedy under SP
+@pytest.fixture(scope="module")
+def lora_rows(tmp_path_factory):
+    """cell -> row of tests/sp_lora_worker.py: one 2-rank launch (~1 min on 2 cores)."""
+    from conftest import run, torchrun_cmd
+
+    out = tmp_path_factory.mktemp("sp_lora") / "rows.json"
+    run(torchrun_cmd(2) + [os.path.join(ROOT, "tests", "sp_lora_worker.py"), str(out)], timeout=600)
+    return {r["cell"]: r for r in json.loads(out.read_text())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", ["lora-sp1-tiled_loss", *LORA_CELLS])
+def test_lora_with_tiling_matches_sp1(lora_rows, cell):
+    """lora_r > 0 with tiled_loss (and tiled_mlp): both steps' losses and every adapter tensor's first-step gradient
+    equal the untiled sp=1 LoRA run's within 1e-5 relative (measured: losses 1e-7, gradients 2e-7 under ZeRO-2 and
+    2e-6 under ZeRO-3). Before TiledMLP took the MLP's parameters at call time it held only the base weights, patched
+    before LoRA added its adapters: ZeRO-2 "has already been reduced", ZeRO-3 an AssertionError."""
+    r = lora_rows[cell]
+    assert "error" not in r, r.get("traceback")
+    assert len(r["losses"]) == len(r["ref_losses"]) == 2
+    for step, (got, want) in enumerate(zip(r["losses"], r["ref_losses"]), 1):
+        assert abs(got - want) <= 1e-5 * abs(want), (cell, step, got, want)
+    assert r["grad_names"] and r["adapter_tensors"] == 4 * 7 * 2 and r["zero_grads"] == []  # 4 blocks x 7 linears
+    assert r["grad_rel_err_max"] <= 1e-5, (cell, r["grad_rel_err_worst"], r["grad_rel_err_max"])
+    if cell != "lora-sp1-tiled_loss":
+        assert r["zero_stage"] == r["zero"] and r["sp_size"] == 2 and r["shapes"] == [[2, 16], [2, 16]]
+        assert r["lora"]["r"] == 4 and r["lora"]["trainable_params"] == r["lora"]["adapter_params"] > 0
+
+
+@pytest.mark.slow
+def test_greedy_under_ulysses_needs_equal_lengths(lora_rows):
+    """After DeepSpeed registers its Ulysses attention, a left-padded prompt attends to its padding even in eval mode
+    (the wrapper drops every tensor mask before disable_in_eval's bypass): most greedy answers change (measured 14 of
+    19, first-step logits off by ~9). Batches of equal-length prompts (sft's exact match under SP) need no mask and
+    give each prompt's own answer."""
+    r = lora_rows["greedy-under-ulysses"]
+    assert r["distinct_lengths"] > 1 and r["padded_differ"] > 0 and r["padded_logit_diff"] > 1e-2
+    assert r["equal_lengths_differ"] == 0 and r["equal_lengths_logit_diff"] <= 1e-4, r
 
 
 # ----------------------------------------------------------------------------- refusals, one line each

@@ -324,3 +324,55 @@ def test_sft_padded_has_more_padding_and_learns_too(sft_runs):
     assert padded["padding_fraction"] > packed["padding_fraction"]
     for s in (packed, padded):
         assert s["real_tokens"] > 0 and s["real_tokens_per_s"] > 0 and s["dropped_too_long"] == 0
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_prefix_cache_finds_sft_rows_again_and_changes_no_loss_or_gradient(packed):
+    """freeze_cache with SFT data: the recipe collates to a fixed width (block_size) when the cache is on, so a row
+    comes back in the next epoch with the same padding and is a hit; with the cache the masked loss and the trainable
+    gradients are those without it. Rows padded to each batch's longest would change between epochs (no hits)."""
+    import types
+
+    from dsrecipes.freezing.freezer import embedding_modules
+    from dsrecipes.freezing.prefix_cache import PrefixCache
+    from dsrecipes.sft.data import collate_width
+    from dsrecipes.train.models import transformer_blocks
+
+    tok, examples = _examples(12)
+    assert collate_width(types.SimpleNamespace(block_size=128, freeze_cache="memory")) == 128
+    assert collate_width(types.SimpleNamespace(block_size=128, freeze_cache="none")) is None
+    items = packing.pack(examples, block_size=128) if packed else examples
+    items = items[: len(items) // 2 * 2]  # whole batches of 2 in both epochs
+    collate = packing.collate_packed if packed else packing.collate_padded
+    model = _model("configs/models/tiny_gpt2_nodropout.json", "sdpa", len(tok)).train()
+    for m in embedding_modules(model) + list(transformer_blocks(model)[:2]):
+        m.requires_grad_(False)
+
+    def epoch(order, width):
+        out = []
+        for i in range(0, len(order), 2):  # batches of 2, in this epoch's order
+            batch = collate([items[j] for j in order[i : i + 2]], tok.pad_token_id, width=width)
+            batch.pop("real_tokens")
+            model.zero_grad()
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+            out.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        return out
+
+    n = len(items)
+    orders = [list(range(n)), [(i + 1) % n for i in range(n)]]  # two epochs; the second pairs other rows
+    ref = [epoch(o, 128) for o in orders]
+    cache = PrefixCache(model, "memory")
+    cache.activate(2)
+    got = [epoch(o, 128) for o in orders]
+    assert cache.hits == n and cache.misses == n  # epoch 1 stores every row, epoch 2 finds every row
+    for (la, ga), (lb, gb) in zip(sum(ref, []), sum(got, [])):
+        assert la == pytest.approx(lb, abs=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ga, gb))
+    cache.close()
+    longest = PrefixCache(model, "memory")  # the batch's longest: the second epoch's rows differ, few come back
+    longest.activate(2)
+    for o in orders:
+        epoch(o, None)
+    assert longest.hits < cache.hits
+    longest.close()

@@ -24,17 +24,6 @@ TESTED = {
     (3, "deepspeed", "loss"): "test_sp2_cells_match_sp1[zero3_deepspeed_loss]",
     (1, "layer_selective", "mlp"): "test_sp2_cells_match_sp1[zero1_layer_selective_mlp]",
 }
-# Refused at the first step by parallel/sequence._sums_sp_gradients (a ConfigError line; the rule table's axes
-# do not see it): (zero, checkpointing, tiling) -> id, measured by tests/test_sequence_parallel_cells.py
-RUNTIME_REFUSED = {
-    (3, "selective_ops", "loss"): "zero3_selective_ops_tiled_loss",
-    (3, "selective_ops", "mlp+loss"): "zero3_selective_ops_tiled_loss",
-}
-RUNTIME_TEXT = {
-    "zero3_selective_ops_tiled_loss": "torch's selective checkpointing replays each block's ops in backward and "
-    "needs the same ones, but ZeRO-3's parameter all-gathers there differ from the forward's under tiled_loss "
-    "(c10d._allgather_base_ invocation not found in storage), refused by sequence_loss at the first step",
-}
 # Every other allowed DeepSpeed cell: one test parametrized over engine_cells(), ids zero{stage}-{ckpt}-{tiling}
 CELLS_TEST = "tests/test_sequence_parallel_cells.py"
 CELLS_TEST_FN = "test_sp2_cell_matches_sp1"
@@ -65,7 +54,7 @@ def engine_cells(sp: int = 2, world: int = 2) -> list[tuple[int, str, str]]:
         for ckpt in CHECKPOINTING:
             for tiling in TILING:
                 s = rules.Settings(device="cpu", zero=zero, checkpointing=ckpt, tiling=tiling, sp=sp, world=world)
-                if not rules.fired(s, refused=True) and (zero, ckpt, tiling) not in RUNTIME_REFUSED:
+                if not rules.fired(s, refused=True):
                     out.append((zero, ckpt, tiling))
     return out
 
@@ -85,9 +74,6 @@ def sp_rows(sp: int = 2, world: int = 2) -> list[tuple[str, str, str]]:
                 label = _label(zero, ckpt, tiling)
                 if refused:
                     out.append((label, "refused", "; ".join(f"{r.text(s)} [{r.id}]" for r in refused)))
-                elif (zero, ckpt, tiling) in RUNTIME_REFUSED and (sp, world) == (2, 2):
-                    rid = RUNTIME_REFUSED[zero, ckpt, tiling]
-                    out.append((label, "refused", f"{RUNTIME_TEXT[rid]} [{rid}]"))
                 elif (zero, ckpt, tiling) in TESTED:
                     out.append((label, "works", f"`{SP_TEST}::{TESTED[zero, ckpt, tiling]}`"))
                 elif (zero, ckpt, tiling) in engine:
@@ -105,6 +91,11 @@ def sp_rows(sp: int = 2, world: int = 2) -> list[tuple[str, str, str]]:
         if refused
         else (label, "works", f"`{SP_TEST}::{DATA_PARALLEL_TEST}`")
     )
+    # a DeepSpeed JSON key, not a grid axis: ZeRO-3 with reduce_scatter false, refused whatever the cell
+    s = rules.Settings(device="cpu", zero=3, reduce_scatter=False, sp=sp, world=world)
+    label = f"sp={sp} with ZeRO-3 and zero_optimization.reduce_scatter false (any checkpointing, tiling)"
+    refused = rules.fired(s, refused=True)
+    out.append((label, "refused" if refused else "allowed", "; ".join(f"{r.text(s)} [{r.id}]" for r in refused)))
     for (axis, value), why in GPU_ONLY.items():
         out.append((f"sp=2, {axis} {value}", "gpu", why))
     return out
@@ -143,4 +134,5 @@ def sp_md() -> list[str]:
     ]
     lines += [f"- GPU only: {label}: {text}" for label, kind, text in sp_rows() if kind == "gpu"]
     lines += [f"- {label}: **{kind}** {text}" for label, kind, text in sp_rows() if "data parallel" in label]
+    lines += [f"- {label}: **{kind}**: {text}" for label, kind, text in sp_rows() if "reduce_scatter" in label]
     return lines

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from dsrecipes.config.errors import ConfigError
+from dsrecipes.config.fields_parallel import autotp_size, sp_size  # the one reader of the sp and tp sizes
 from dsrecipes.config.lint import get as _get
 
 LOW_BIT_TORCHAO = ("torchao_adamw_8bit", "torchao_adamw_4bit")
@@ -46,6 +47,7 @@ class Settings:
     sp: int = 1  # Ulysses sequence-parallel size (recipe key sequence_parallel_size)
     tiling: str = "none"  # ALST tiling: none | mlp | loss | mlp+loss (recipe keys tiled_mlp, tiled_loss)
     tp: int = 1  # AutoTP training size (the DeepSpeed JSON's tensor_parallel.autotp_size)
+    reduce_scatter: bool = True  # zero_optimization.reduce_scatter in the DeepSpeed JSON (DeepSpeed's default: true)
     world: int | None = None  # number of processes, when known
 
     def values(self) -> dict:
@@ -326,19 +328,13 @@ def settings_from(
         ds_pipeline="pipeline" in ds,
         load_universal=_get(ds, "checkpoint.load_universal") is True,
         lora=lora,
-        sp=_positive_int(recipe.get("sequence_parallel_size"), 1),
+        sp=sp_size(recipe),
         tiling="+".join(t for t, k in (("mlp", "tiled_mlp"), ("loss", "tiled_loss")) if recipe.get(k) is True)
         or "none",
-        tp=_positive_int(_get(ds, "tensor_parallel.autotp_size"), 1),
+        tp=autotp_size(ds),
+        reduce_scatter=_get(ds, "zero_optimization.reduce_scatter") is not False,
         world=world_size if isinstance(world_size, int) and not isinstance(world_size, bool) else None,
     )
-
-
-def _positive_int(value, default: int) -> int:
-    """An int >= 1 as the axis value; anything else (absent, "auto", a typo) is the default, which range checks
-    elsewhere report (dsrecipes.config.validate)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-    return value if ok else default
 
 
 def settings_for_run(accelerator, args, recipe_kind: str = "train_lm") -> Settings:

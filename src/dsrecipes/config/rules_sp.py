@@ -1,4 +1,4 @@
-"""The rule table's refusals for Ulysses sequence parallelism and ALST tiling (axes sp, tiling).
+"""The rule table's refusals for Ulysses sequence parallelism and ALST tiling (axes sp, tiling, reduce_scatter).
 
 Part of the one table in dsrecipes.config.rules (which imports SP_RULES); each Rule names its axes, its one-line
 problem and fix, the config key it names, and the upstream issue it guards against. What works is measured in
@@ -9,11 +9,12 @@ Known DeepSpeed bugs checked on 0.19.8 instead of refused: ZeRO stage 0 with SP 
 [zero0_bf16]); sp_size < world size (#7672, the backward of torch's differentiable all_gather indexing by the global
 rank) does not arise: the loss is summed over the SP group by an all-reduce whose backward is an all-reduce
 (parallel/sequence._GroupSum; test_sp2_with_data_parallel). Resuming on another SP layout (#8226) is refused by
-parallel/sequence.check_resume, the same layout resumes exactly. Gradient scale under SP (#5248): ZeRO 0-2 sum the
-SP ranks' gradients, ZeRO-3's reduce-scatter averages them; sequence_loss scales its backward to the engine
-(sequence._sums_sp_gradients) and refuses ZeRO-3 with reduce_scatter: false, which does both (a DeepSpeed JSON key
-the rule table does not see: the first step's ConfigError). Every cell the rules here allow trains with the sp=1
-losses and gradients: tests/test_sequence_parallel_cells.py.
+parallel/sequence.check_resume, the same layout resumes exactly. Gradient scale under SP (#5248, #5555): ZeRO 0-2
+sum the SP ranks' gradients, ZeRO-3's reduce-scatter averages them; sequence_loss scales its backward to the engine
+(dsrecipes.compat.sp_gradient_scale). ZeRO-3 with the DeepSpeed JSON's zero_optimization.reduce_scatter: false does
+both, bucket by bucket, and ZeRO-3 + selective_ops + tiled_loss fails in backward: both are refused here (axes
+reduce_scatter, checkpointing, tiling), by `dsrecipes check` and the recipes' start-up check, before anything trains.
+Every cell the rules here allow trains with the sp=1 losses and gradients: tests/test_sequence_parallel_cells.py.
 """
 
 from __future__ import annotations
@@ -59,6 +60,31 @@ def _rules():
             "per engine); the two are not combined",
             "use sequence_parallel_size: 1 with tensor_parallel.autotp_size, or drop autotp_size",
             key="sequence_parallel_size",
+        ),
+        Rule(
+            "sp_zero3_reduce_scatter_off",
+            {"sp": sp_on, "zero": frozenset((3,)), "reduce_scatter": frozenset((False,))},
+            "false with sequence_parallel_size {sp}: ZeRO-3 then sums the SP ranks' gradients in its contiguous "
+            "buckets and averages them in the others (DeepSpeed #5248), so no loss scale gives the true gradient",
+            "leave reduce_scatter at its default (true) under sequence parallelism, or set sequence_parallel_size: 1",
+            key="zero_optimization.reduce_scatter",
+            file="deepspeed",
+            issue="deepspeedai/DeepSpeed#5248",
+        ),
+        Rule(
+            "sp_zero3_selective_ops_tiled_loss",
+            {
+                "sp": sp_on,
+                "zero": frozenset((3,)),
+                "checkpointing": frozenset(("selective_ops",)),
+                "tiling": frozenset(("loss", "mlp+loss")),
+            },
+            "selective_ops with ZeRO-3, tiled_loss and sequence_parallel_size {sp}: torch's selective checkpointing "
+            "replays each block's ops in backward and needs the same ones, but ZeRO-3's parameter all-gathers there "
+            "differ from the forward's (RuntimeError: c10d._allgather_base_ invocation index N encountered during "
+            "backward but not found in storage; no upstream issue found)",
+            "use gradient_checkpointing: full or layer_selective, tiled_loss: false, or ZeRO 0-2",
+            key="gradient_checkpointing",
         ),
         Rule(
             "sp_prefix_cache",

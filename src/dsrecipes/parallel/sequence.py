@@ -29,13 +29,16 @@ import types
 
 import torch
 
+from dsrecipes import compat
+from dsrecipes.config import fields_parallel
 from dsrecipes.config.errors import ConfigError
 
 LOSS_TILE_LOGITS = 2**24  # tiled_loss_shards auto: at most this many logits (64 MiB in fp32) per tile
 
 
 def sp_size(args) -> int:
-    return int(getattr(args, "sequence_parallel_size", 1) or 1)
+    """sequence_parallel_size of the run's args (1 = off), by the reader of the rule table's sp axis."""
+    return fields_parallel.sp_size(args)
 
 
 def tiling_on(args) -> bool:
@@ -93,8 +96,6 @@ def prepare_model(model, args, where: str) -> dict | None:
     `sequence_parallel` facts, or None when neither SP nor tiling is on."""
     if sp_size(args) <= 1 and not tiling_on(args):
         return None
-    from dsrecipes import compat
-
     text = model.config.get_text_config()
     if getattr(text, "num_key_value_heads", None) is None or not hasattr(model, "get_decoder"):
         raise ConfigError(
@@ -135,11 +136,13 @@ def _patch_tiled_mlp(model, shards: int):
 
     def tiled_forward(mlp):
         plain = type(mlp).forward
-        params = list(mlp.parameters())
 
         def forward(x):
             n = shards or max(1, math.ceil(x.shape[-2] / x.shape[-1]))  # ALST: ceil(seqlen / hidden)
-            return TiledMLP.apply(plain, mlp, x, n, params)
+            # the MLP's parameters now, not at patching: LoRA adds its adapters after prepare_model, and ZeRO must
+            # hold their gradients until the last tile too (else ZeRO-2: "has already been reduced";
+            # tests/test_sequence_parallel.py::test_lora_with_tiling_matches_sp1)
+            return TiledMLP.apply(plain, mlp, x, n, list(mlp.parameters()))
 
         return forward
 
@@ -295,8 +298,10 @@ def sequence_loss(model, batch: dict, args) -> torch.Tensor:
     """The mean CE over the labelled tokens of the whole (split) sequence, the same value on every rank of the SP
     group; its gradient is the unsplit loss's: the all-reduce's backward sums the group's incoming gradients, so
     the ranks' gradients average to it (what a plain module's caller and ZeRO-3's reduce-scatter do), and under a
-    DeepSpeed engine that sums the SP ranks' gradients instead it takes 1/sp of that (_sums_sp_gradients)."""
-    scale = 1.0 / sp_size(args) if sp_size(args) > 1 and _sums_sp_gradients(model, args) else 1.0
+    DeepSpeed engine that sums the SP ranks' gradients instead (ZeRO 0-2, DeepSpeed #5248, #5555) it takes 1/sp of
+    that: compat.sp_gradient_scale. What no scale fixes (ZeRO-3 with reduce_scatter: false, ZeRO-3 + selective_ops
+    + tiled_loss) the rule table refuses before training (config/rules_sp.py)."""
+    scale = compat.sp_gradient_scale(model, sp_size(args))
     ce, count = token_loss_sum(model, batch, args)
     total = count.detach().to(torch.float32)
     if sp_size(args) > 1:
@@ -307,37 +312,6 @@ def sequence_loss(model, batch: dict, args) -> torch.Tensor:
         dist.all_reduce(total, group=group)
         return _GroupSum.apply(ce / total.clamp(min=1), group, scale)
     return ce / total.clamp(min=1)
-
-
-def _sums_sp_gradients(model, args) -> bool:
-    """DeepSpeed 0.19 reduces gradients under SP two ways: ZeRO 0-2 divide the all-reduced sum by world / sp (the
-    SP ranks' gradients add up, DeepSpeed #5248, #5555), ZeRO-3's default reduce-scatter (reduce_scatter_coalesced)
-    divides by the world size (they average). Measured in tests/test_sequence_parallel_cells.py: before this scale,
-    ZeRO 0-2 at sp=2 gave twice the sp=1 gradient (AdamW's update hides the factor; the gradient norm, clipping and
-    Adam's eps do not). ZeRO-3 without reduce_scatter does both, bucket by bucket: refused; so is ZeRO-3 with
-    selective_ops and tiled_loss (measured there: the recompute's all-gathers differ from the forward's)."""
-    stage = getattr(model, "zero_optimization_stage", None)
-    if stage is None:  # a plain module: its caller averages the ranks' gradients (tests/sp_worker.py)
-        return False
-    if stage() == 3 and not model.zero_reduce_scatter():
-        raise ConfigError(
-            "<deepspeed>",
-            "zero_optimization.reduce_scatter",
-            "false with sequence_parallel_size > 1: ZeRO-3 then sums the SP ranks' gradients in its contiguous "
-            "buckets and averages them in the others (DeepSpeed #5248), so no loss scale gives the true gradient",
-            "leave reduce_scatter at its default (true) under sequence parallelism",
-        )
-    if stage() == 3 and args.tiled_loss and getattr(args, "gradient_checkpointing", None) == "selective_ops":
-        raise ConfigError(
-            "<args>",
-            "gradient_checkpointing",
-            "selective_ops with ZeRO-3, tiled_loss and sequence_parallel_size > 1: torch's selective checkpointing "
-            "replays each block's ops in backward and needs the same ones, but ZeRO-3's parameter all-gathers there "
-            "differ from the forward's (RuntimeError: c10d._allgather_base_ invocation index N encountered during "
-            "backward but not found in storage; no upstream issue found)",
-            "use gradient_checkpointing: full or layer_selective, tiled_loss: false, or ZeRO 0-2",
-        )
-    return stage() < 3
 
 
 class _GroupSum(torch.autograd.Function):

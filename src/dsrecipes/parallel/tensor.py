@@ -20,18 +20,12 @@ import sys
 
 import torch
 
-
-def autotp_size(ds_config: dict | None) -> int:
-    """tensor_parallel.autotp_size of a DeepSpeed config dict (0 and absent mean no TP: 1)."""
-    if not isinstance(ds_config, dict):
-        return 1
-    section = ds_config.get("tensor_parallel")
-    size = section.get("autotp_size", 0) if isinstance(section, dict) else 0
-    return size if isinstance(size, int) and size > 1 else 1
+from dsrecipes.config.fields_parallel import autotp_size  # the one tp reader (also the rule table's tp axis)
 
 
 def tp_size(acc) -> int:
-    """The TP size of a run's Accelerator (or of anything without a DeepSpeed plugin: 1)."""
+    """The TP size of a run's Accelerator (or of anything without a DeepSpeed plugin: 1), read from its DeepSpeed
+    config by the reader the rule table's tp axis uses (config/fields_parallel.autotp_size)."""
     plugin = getattr(getattr(acc, "state", None), "deepspeed_plugin", None)
     return autotp_size(plugin.deepspeed_config if plugin is not None else None)
 

@@ -85,13 +85,14 @@ def make_sft_dataloaders(data: SftData, args, tok):
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     collate = packing.collate_packed if args.packing else packing.collate_padded
+    width = collate_width(args)
     train_dl = DataLoader(
         data.train,
         batch_size=args.per_device_train_batch_size,
         shuffle=True,
         drop_last=True,
         generator=torch.Generator().manual_seed(args.seed),
-        collate_fn=functools.partial(collate, pad_id=pad),
+        collate_fn=functools.partial(collate, pad_id=pad, width=width),
     )
     eval_dl = DataLoader(
         data.eval,
@@ -100,6 +101,20 @@ def make_sft_dataloaders(data: SftData, args, tok):
         collate_fn=functools.partial(packing.collate_padded, pad_id=pad),
     )
     return train_dl, eval_dl
+
+
+def collate_width(args) -> int | None:
+    """The training rows' fixed width: block_size when the frozen-prefix cache is on, which finds a row again only
+    if it comes back with the same padding (rows padded to the batch's longest would differ between epochs); under
+    sequence parallelism block_size rounded up to a multiple of sequence_parallel_size, as DeepSpeed's
+    UlyssesSPDataLoaderAdapter needs: every rank of a group must send it a batch of the same width (gloo's all_gather
+    refuses uneven sizes: "ProcessGroupGloo::allgather: invalid tensor size"; NCCL's falls back to broadcasts), and
+    the width must divide by sp ("batch's seqlen=97 isn't divisible by sp-size=2"). Else None, the longest row of
+    each batch (less padding)."""
+    sp = int(getattr(args, "sequence_parallel_size", 1) or 1)
+    if sp > 1:
+        return -(-args.block_size // sp) * sp
+    return args.block_size if getattr(args, "freeze_cache", "none") != "none" else None
 
 
 class TokenCounter:

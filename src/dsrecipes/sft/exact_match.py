@@ -8,6 +8,12 @@ answer is the greedy continuation up to the first EOS. It matches when it equals
 surrounding whitespace) and the model stopped with EOS within the budget. The questions are split over the ranks;
 every rank runs the same number of forward passes (a fixed number of new tokens, batches padded with repeats), so
 the prepared model may be a ZeRO-3 engine whose forward gathers parameters collectively.
+
+equal_lengths=True (the recipe passes it under sequence parallelism) batches only prompts of one length, so nothing
+is padded: DeepSpeed's Ulysses attention (UlyssesSPAttentionHF.register_with_transformers, 0.19) replaces the
+model's sdpa with a wrapper that drops every tensor attention_mask, also in eval mode where disable_in_eval
+(DeepSpeed #7823) skips the all-to-all only after that, so a left-padded prompt would attend to its padding (no
+upstream issue found; tests/test_sequence_parallel.py::test_greedy_under_ulysses_needs_equal_lengths measures it).
 """
 
 from __future__ import annotations
@@ -40,24 +46,48 @@ def greedy(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int, de
     return ids[:, width:].tolist()
 
 
-def exact_match(model, tok, convs: list[dict], accelerator=None, batch_size: int = 32, max_new_tokens: int = 0):
+def question_batches(lengths: list[int], rank: int, world: int, batch_size: int, equal_lengths: bool) -> list:
+    """This rank's questions (every world-th, from its rank) in batches of at most batch_size; with equal_lengths
+    each batch holds prompts of one length only (no padding), shortest first."""
+    mine = list(range(rank, len(lengths), world))
+    if not equal_lengths:
+        return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    by_length: dict[int, list[int]] = {}
+    for i in mine:
+        by_length.setdefault(lengths[i], []).append(i)
+    groups = [by_length[n] for n in sorted(by_length)]
+    return [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+
+
+def exact_match(
+    model,
+    tok,
+    convs: list[dict],
+    accelerator=None,
+    batch_size: int = 32,
+    max_new_tokens: int = 0,
+    equal_lengths: bool = False,
+):
     """Held-out exact match; with an accelerator the questions are split over its ranks and the counts summed."""
     qs = questions(convs)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(model.parameters()).device
     answers = [tok(a, add_special_tokens=False)["input_ids"] for _, a in qs]
     budget = max_new_tokens or (max(len(a) for a in answers) + 2)  # the longest answer, its EOS, and one spare
-    mine = list(range(rank, len(qs), world))
-    n_batches = -(-((len(qs) + world - 1) // world) // batch_size)  # the same on every rank
+    prompts_of = [tok(render_chat(tok, q[0]), add_special_tokens=False)["input_ids"] for q in qs]
+    lengths = [len(p) for p in prompts_of]
+    batches = question_batches(lengths, rank, world, batch_size, equal_lengths)
+    n_batches = max(len(question_batches(lengths, r, world, batch_size, equal_lengths)) for r in range(world))
+    mine = [i for b in batches for i in b]
     eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     was_training = model.training
     model.eval()
     correct, samples = 0, []
-    for b in range(n_batches):
-        idx = mine[b * batch_size : (b + 1) * batch_size]
+    for b in range(n_batches):  # the same number on every rank
+        idx = batches[b] if b < len(batches) else []
         real = len(idx)
         idx = idx or [0]  # a rank with no questions left still runs the forward passes the others run
-        prompts = [tok(render_chat(tok, qs[i][0]), add_special_tokens=False)["input_ids"] for i in idx]
+        prompts = [prompts_of[i] for i in idx]
         outs = greedy(model, prompts, pad, budget, device)
         for i, out in zip(idx[:real], outs[:real]):
             stopped = eos in out

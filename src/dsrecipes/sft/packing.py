@@ -3,6 +3,7 @@
     rows = pack(examples, block_size)                  # first fit, in order; each row <= block_size tokens
     batch = collate_packed(rows[:8], pad_id)           # input_ids, labels, position_ids (no attention_mask)
     batch = collate_padded(examples[:8], pad_id)       # input_ids, labels, attention_mask: one conversation a row
+    batch = collate_packed(rows[:8], pad_id, width=256)  # every row exactly 256 wide (what freeze_cache needs)
     check_packing(model, where)                        # refuses a model that would attend across conversations
 
 The packed layout is transformers' DataCollatorWithFlattening's (tests/test_sft.py compares them): input_ids and
@@ -12,6 +13,10 @@ create_causal_mask when attention_mask is None) builds a block-diagonal causal m
 on Llama-family models and GPT-2. Padding at the end of a row is one more segment (positions 0.. again, labels -100),
 so it neither attends to nor is attended by a conversation. Both collators add `real_tokens` (non-padding tokens per
 row), which the recipe's loss hook pops before calling the model.
+
+Rows are padded to the longest in the batch, or to a fixed `width` (the recipe passes block_size when freeze_cache is
+on): the prefix cache keys a row by its content, padding included, so a row must come back with the same padding in
+every epoch to be found again (dsrecipes.sft.data.collate_width; tests/test_sft.py).
 """
 
 from __future__ import annotations
@@ -53,9 +58,9 @@ def flatten_row(row: list[dict]) -> dict:
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
-def collate_packed(rows: list[list[dict]], pad_id: int) -> dict:
+def collate_packed(rows: list[list[dict]], pad_id: int, width: int | None = None) -> dict:
     flat = [flatten_row(r) for r in rows]
-    width = max(len(f["input_ids"]) for f in flat)
+    width = width or max(len(f["input_ids"]) for f in flat)
     out = {"input_ids": [], "labels": [], "position_ids": [], "real_tokens": []}
     for f in flat:
         pad = width - len(f["input_ids"])
@@ -66,9 +71,9 @@ def collate_packed(rows: list[list[dict]], pad_id: int) -> dict:
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
 
-def collate_padded(examples: list[dict], pad_id: int) -> dict:
-    """One conversation per row, right-padded to the longest in the batch."""
-    width = max(len(ex["input_ids"]) for ex in examples)
+def collate_padded(examples: list[dict], pad_id: int, width: int | None = None) -> dict:
+    """One conversation per row, right-padded to the longest in the batch (or to `width`)."""
+    width = width or max(len(ex["input_ids"]) for ex in examples)
     out = {"input_ids": [], "labels": [], "attention_mask": [], "real_tokens": []}
     for ex in examples:
         n = len(ex["input_ids"])

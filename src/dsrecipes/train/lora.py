@@ -135,6 +135,8 @@ def apply_lora(model, args, where: str = "<args>"):
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
+    from dsrecipes.train.models import count_parameters
+
     targets = check_args(model, args, where)
     quantized = quantize_nf4(model, where) if args.lora_quantize == "nf4" else 0
     chosen = linear_names(model) if targets == "all-linear" else targets
@@ -158,7 +160,7 @@ def apply_lora(model, args, where: str = "<args>"):
         "alpha": args.lora_alpha,
         "target_modules": sorted(model.peft_config["default"].target_modules),
         "adapter_params": adapter_params(model),
-        "trainable_params": sum(_numel(p) for p in model.parameters() if p.requires_grad),
+        "trainable_params": count_parameters(model, trainable_only=True),
         "quantize": args.lora_quantize,
         "quantized_linears": quantized,
         "export": args.lora_export,
@@ -166,12 +168,10 @@ def apply_lora(model, args, where: str = "<args>"):
     return model, info
 
 
-def _numel(p) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))
-
-
 def adapter_params(model) -> int:
-    return sum(_numel(p) for n, p in model.named_parameters() if "lora_" in n)
+    from dsrecipes.train.models import logical_numel
+
+    return sum(logical_numel(p) for n, p in model.named_parameters() if "lora_" in n)
 
 
 # ----------------------------------------------------------------------------- export

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 
 from dsrecipes.config.errors import ConfigError
@@ -156,8 +157,16 @@ def _gathered(params):
 
 
 def count_parameters(model, trainable_only: bool = False) -> int:
-    """Parameter count; under ZeRO-3 uses the full (ds_numel) size, not the local shard."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+    """Parameter count; under ZeRO-3 uses the full (ds_numel) size, not the local shard; a bitsandbytes 4-bit weight
+    (QLoRA's Params4bit) counts its logical shape (quant_state.shape), not the packed uint8 storage (half as many)."""
+    return sum(logical_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def logical_numel(p) -> int:
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        return math.prod(shape)
+    return getattr(p, "ds_numel", p.numel())
 
 
 BLOCK_PATHS = (  # where HF causal LMs keep their decoder blocks
