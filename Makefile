@@ -51,12 +51,8 @@ style: setup  ## ruff: fix what it can and reformat
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 	$(BIN)/ruff format $(LINT_PATHS)
 
-test: setup lint  ## lint, then run the whole CPU test suite (but the extended composition runs)
-	$(BIN)/python -m pytest tests -q --durations=40 -m "not extended"
-
-.PHONY: test-extended
-test-extended: setup  ## the extended composition runs behind docs/compat.md's AutoTP rows (~5-7 min)
-	$(BIN)/python -m pytest tests -q -m extended
+test: setup lint  ## lint, then run the whole CPU test suite
+	$(BIN)/python -m pytest tests -q --durations=40
 
 test-fast: setup  ## unit tests only (no multi-process launches)
 	$(BIN)/python -m pytest tests -q -m "not slow and not slurm"
@@ -94,7 +90,7 @@ distill: setup  ## distil the `make train` model (4 layers) into 2 layers, plus 
 	$(call PRECHECK,$(DISTILL_RECIPE),$(DS))
 	$(LAUNCH) recipes/distill.py --config $(DISTILL_RECIPE) $(ARGS)
 
-bench-throughput: setup  ## freezing, distillation, pipeline bubble, recipe vs HF Trainer -> docs/results/throughput.*
+bench-throughput: setup  ## teacher curve, freezing (new language and SFT), distillation, pipeline bubble, vs HF Trainer -> docs/results/throughput.*
 	$(BIN)/python benchmarks/bench_throughput.py
 
 # Pipeline parallelism: accelerate only launches; the recipe drives DeepSpeed's pipeline engine (ZeRO 0/1 only).

@@ -9,7 +9,7 @@ The DeepSpeed JSONs are the shipped zero{1,2,3}_tp2.json with the one change a r
 written next to the runs. Runs are module-scoped and shared; each takes 20-150 s on 2 busy cores (8-bit optimizers
 and ZeRO-3 offload are the slow ones on CPU).
 
-Run: .venv/bin/python -m pytest tests/test_tensor_parallel_rows.py -q
+Run: .venv/bin/python -m pytest tests/test_tensor_parallel_rows.py -q      (part of make test; ~5-7 min of launches)
 """
 
 import json
@@ -18,9 +18,6 @@ import os
 import pytest
 
 from conftest import ROOT, launch_cmd, read_jsonl, run, summary, tiny_run, train_curve
-
-# Extended: ~5-7 min of launches, run by `make test-extended`, not by `make test` (pyproject.toml markers).
-EXTENDED = pytest.mark.extended
 
 TP_YAML = "configs/recipes/train_tiny_llama_tp2.yaml"
 DISTILL_YAML = "configs/recipes/distill_tiny_llama.yaml"
@@ -130,7 +127,6 @@ def _state_bytes_per_param_byte(s: dict) -> float:
 
 # ---------------------------------------------------------------------------- ZeRO stages and offload
 @pytest.mark.slow
-@EXTENDED
 def test_zero0_with_torchao_8bit_adamw_tracks_data_parallel(tmp_root):
     """Rows "ZeRO-0" and "torchao 8-bit, ZeRO-0" (torchao keeps fp32 state under ZeRO 1-3: rule torchao_under_zero):
     the same data and tokens as fp32 AdamW data parallel, the curve within 1e-4 (8-bit moments), and 8-bit
@@ -148,7 +144,6 @@ def test_zero0_with_torchao_8bit_adamw_tracks_data_parallel(tmp_root):
 
 
 @pytest.mark.slow
-@EXTENDED
 def test_zero2_offload_matches_data_parallel(tmp_root):
     """Row "ZeRO-2 offload": optimizer states on the CPU through DeepSpeedCPUAdam (accelerate swaps torch AdamW
     for it under offload_optimizer): the same fp32 training as torch AdamW data parallel."""
@@ -160,7 +155,6 @@ def test_zero2_offload_matches_data_parallel(tmp_root):
 
 
 @pytest.mark.slow
-@EXTENDED
 def test_zero3_offload_of_parameters_and_optimizer_matches_data_parallel(tmp_root):
     """Row "ZeRO-3 offload": zero3_tp2.json (no train_batch_size: parallel.tensor.check_model) with parameters and
     optimizer offloaded to the CPU."""
@@ -172,7 +166,6 @@ def test_zero3_offload_of_parameters_and_optimizer_matches_data_parallel(tmp_roo
 
 # ---------------------------------------------------------------------------- 8-bit AdamW (bitsandbytes)
 @pytest.mark.slow
-@EXTENDED
 def test_bnb_8bit_adamw_zero1_tracks_data_parallel(tmp_root):
     """Row "bnb 8-bit AdamW": bitsandbytes quantizes the flat fp32 partition ZeRO-1 hands it (this TP rank's
     shards); the curve stays within 1e-4 of fp32 AdamW data parallel, the state is 8-bit."""
@@ -190,7 +183,6 @@ def test_bnb_8bit_adamw_zero1_tracks_data_parallel(tmp_root):
 
 # ---------------------------------------------------------------------------- 4 processes, progressive freezing
 @pytest.mark.slow
-@EXTENDED
 def test_four_processes_2dp_x_2tp_with_progressive_freeze_and_cache_match_data_parallel(tmp_root):
     """Rows "4 processes: 2 data-parallel x 2 TP" and "progressive freeze + memory cache": ranks (0, 1) and (2, 3)
     are the TP groups, each a data-parallel rank of 2 sequences; blocks 0 and 1 freeze (two engine rebuilds under
@@ -218,7 +210,6 @@ def test_four_processes_2dp_x_2tp_with_progressive_freeze_and_cache_match_data_p
 
 # ---------------------------------------------------------------------------- distillation, TP student
 @pytest.mark.slow
-@EXTENDED
 def test_distill_with_tp_student_matches_data_parallel(tmp_root):
     """Row "distillation recipe": the 2-layer student (teacher layers 0 and 2) sharded by AutoTP, the 4-layer
     teacher plain and whole on each rank: the same loss terms, data and eval losses as data-parallel distillation."""
@@ -264,5 +255,5 @@ def test_every_works_row_of_the_tp_table_names_a_test_that_exists():
             assert re.search(rf"^def {name}\(", fh.read(), re.M), ref
     here = {ref.split("::")[1] for ref in works if ref.startswith("tests/test_tensor_parallel_rows.py::")}
     with open(__file__) as fh:
-        slow = set(re.findall(r"^@pytest\.mark\.slow\n@EXTENDED\ndef (test_\w+)\(", fh.read(), re.M))
+        slow = set(re.findall(r"^@pytest\.mark\.slow\ndef (test_\w+)\(", fh.read(), re.M))
     assert here == slow, (here, slow)  # every launch test here backs a row

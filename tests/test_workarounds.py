@@ -90,6 +90,33 @@ def test_import_paths_and_no_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_a_run_without_lora_imports_no_peft_and_lora_still_gets_it():
+    """The recipes' scheduler path (limits.scheduler_types at parse time, accelerator.make_scheduler) imports
+    transformers.optimization without peft and bitsandbytes (compat.transformers_optimization: ~3 s a process); the
+    schedule is transformers' own, transformers keeps its real peft check, and LoRA's own peft import still works
+    afterwards, with transformers' PEFT integration intact. A fresh interpreter."""
+    code = """
+import sys, torch
+from types import SimpleNamespace
+from dsrecipes.config.limits import scheduler_types
+from dsrecipes.train.accelerator import make_scheduler
+assert "cosine" in scheduler_types()
+opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+sched = make_scheduler(opt, SimpleNamespace(lr_scheduler_type="linear", warmup_steps=2, max_steps=4))
+lrs = []
+for _ in range(4):
+    lrs.append(sched.get_last_lr()[0]); opt.step(); sched.step()
+print(lrs, "peft" in sys.modules, "bitsandbytes" in sys.modules)
+import transformers.utils as hf_utils
+import peft
+print(hf_utils.is_peft_available(), type(sched).__module__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True)
+    first, second = out.stdout.strip().splitlines()[-2:]
+    assert first == "[0.0, 0.5, 1.0, 0.5] False False", out.stdout
+    assert second == "True torch.optim.lr_scheduler", out.stdout
+
+
 @pytest.mark.parametrize(
     "stage, sp, scale",
     [(None, 2, 1.0), (0, 2, 0.5), (1, 2, 0.5), (2, 4, 0.25), (3, 2, 1.0), (2, 1, 1.0)],

@@ -37,6 +37,7 @@ from dsrecipes.compat.hf import (
     set_attn_implementation,
     set_gradient_checkpointing_func,
     set_scheduler_last_lr,
+    transformers_optimization,
     without_hf_deepspeed_config,
 )
 from dsrecipes.compat.registry import (
@@ -78,6 +79,7 @@ __all__ = [
     "set_gradient_checkpointing_func",
     "set_scheduler_last_lr",
     "sp_gradient_scale",
+    "transformers_optimization",
     "without_hf_deepspeed_config",
     "zero_full_fp32",
 ]

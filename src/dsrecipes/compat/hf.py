@@ -1,6 +1,7 @@
 """The workarounds for accelerate, transformers and torch: accelerate's world size and launcher on CPU, its ZeRO-3
 config registered with transformers, its private dataloader list; transformers' per-module init, checkpointing
-function and attention kernel; torch's LambdaLR position and tensor-subclass check. Each calls guard() with its entry
+function and attention kernel, its optimization module without peft; torch's LambdaLR position and tensor-subclass
+check. Each calls guard() with its entry
 in dsrecipes.compat.registry. Imports no torch (nor accelerate, transformers) at import time.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 from dsrecipes.compat.registry import _private, guard
 
@@ -104,3 +106,26 @@ def hf_init_weights(model):
     its direct children)."""
     guard("transformers_init_weights_by_module")
     return _private(model, "_init_weights", "transformers_init_weights_by_module")
+
+
+def transformers_optimization():
+    """transformers.optimization (get_scheduler, and SchedulerType through its trainer_utils) without the peft import
+    that trainer_utils does at module level for Trainer's PEFT helpers: peft imports bitsandbytes, which torch.compiles
+    its CPU ops at import, ~1.4 s of every process's start-up (the imports of a GPT-2 run: 6.7-6.9 s with it,
+    5.35-5.5 s without, on 2 quiet cores; tests/test_workarounds.py checks that neither is imported). Only
+    trainer_utils is imported with transformers' peft check off (it binds the check at import, and Trainer's helpers
+    then see no peft model, which dsrecipes does not hand them); modeling_utils and everything else keep the real
+    check, and LoRA imports peft itself (dsrecipes.train.lora)."""
+    if "transformers.trainer_utils" not in sys.modules:
+        guard("transformers_optimization_without_peft")
+        import transformers.utils as hf_utils
+
+        real = hf_utils.is_peft_available
+        hf_utils.is_peft_available = lambda: False
+        try:
+            import transformers.optimization  # noqa: F401  (imports trainer_utils with the check off)
+        finally:
+            hf_utils.is_peft_available = real
+    import transformers.optimization
+
+    return transformers.optimization

@@ -121,6 +121,14 @@ WORKAROUNDS: dict[str, Workaround] = {
         "gradient_checkpointing: deepspeed sets the private _gradient_checkpointing_func of each block so HF's "
         "GradientCheckpointingLayer calls deepspeed.checkpointing.checkpoint",
     ),
+    "transformers_optimization_without_peft": Workaround(
+        "transformers",
+        "5.23.0",
+        "no upstream issue found (trainer_utils imports peft at module level for Trainer's helpers)",
+        "get_scheduler and SchedulerType live in transformers.optimization, whose trainer_utils imports peft, and "
+        "peft imports bitsandbytes, which torch.compiles its CPU ops at import: ~1.4 s per process of a run that "
+        "uses no LoRA; imported with transformers' peft check off for that import only (LoRA imports peft itself)",
+    ),
     "transformers_attn_implementation": Workaround(
         "transformers",
         "5.23.0",

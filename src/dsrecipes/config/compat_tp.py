@@ -89,5 +89,4 @@ def tp_rows() -> list[tuple[str, str, str]]:
 def tp_md() -> list[str]:
     from dsrecipes.config.compat_doc import rows_md  # compat_doc imports this module inside render()
 
-    lines = rows_md("AutoTP training (tensor_parallel.autotp_size = 2)", "TP with", tp_rows())
-    return lines + ["", f"The runs of `{ROWS_TEST}` are extended tests: `make test-extended`, not `make test`."]
+    return rows_md("AutoTP training (tensor_parallel.autotp_size = 2)", "TP with", tp_rows())

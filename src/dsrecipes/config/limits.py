@@ -66,10 +66,11 @@ LIMITS = {
 
 
 def scheduler_types() -> list[str]:
-    """transformers' SchedulerType values: what get_scheduler(lr_scheduler_type) accepts."""
-    from transformers.trainer_utils import SchedulerType
+    """transformers' SchedulerType values: what get_scheduler(lr_scheduler_type) accepts (imported without peft:
+    dsrecipes.compat.transformers_optimization)."""
+    from dsrecipes.compat import transformers_optimization
 
-    return [s.value for s in SchedulerType]
+    return [s.value for s in transformers_optimization().SchedulerType]
 
 
 CHOICES_FROM = {"lr_scheduler_type": scheduler_types}  # choices known only to a library (read when checked)

@@ -97,8 +97,7 @@ def make_dataloaders(train_ds, eval_ds, args):
 
 
 def make_scheduler(optimizer, args):
-    from transformers import get_scheduler
-
+    get_scheduler = compat.transformers_optimization().get_scheduler  # without importing peft (compat)
     return get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps
     )
