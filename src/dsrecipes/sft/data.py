@@ -111,7 +111,9 @@ def collate_width(args) -> int | None:
     refuses uneven sizes: "ProcessGroupGloo::allgather: invalid tensor size"; NCCL's falls back to broadcasts), and
     the width must divide by sp ("batch's seqlen=97 isn't divisible by sp-size=2"). Else None, the longest row of
     each batch (less padding)."""
-    sp = int(getattr(args, "sequence_parallel_size", 1) or 1)
+    from dsrecipes.config.fields_parallel import sp_size  # the one reader of sequence_parallel_size
+
+    sp = sp_size(args)
     if sp > 1:
         return -(-args.block_size // sp) * sp
     return args.block_size if getattr(args, "freeze_cache", "none") != "none" else None
