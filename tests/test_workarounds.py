@@ -117,6 +117,37 @@ print(hf_utils.is_peft_available(), type(sched).__module__)
     assert second == "True torch.optim.lr_scheduler", out.stdout
 
 
+def test_zero3_init_keeps_the_dtype_it_is_given():
+    """DeepSpeed 0.19.8's Init._set_dtype drops an explicit dtype where the accelerator lacks fp16 and picks bfloat16
+    (the grouping of its `or`/`if` chain, and PR #8428's missing call): the engine's Init of an fp32 ZeRO-3 run then
+    swapped parameters to NVMe through bfloat16 buffers on most CPUs (tests/test_offload.py). With
+    compat.keep_zero3_init_dtype the given dtype is kept, the config still decides without one, and nothing is
+    patched outside a DeepSpeed launch. A fresh interpreter (the patch is process-wide)."""
+    code = """
+import os, torch
+from types import SimpleNamespace as NS
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.partition_parameters import Init
+from dsrecipes import compat
+cfg = lambda bf16: NS(bfloat16_config=NS(enabled=bf16), float16_config=NS(enabled=False))
+def picked(ds_config, dtype):
+    obj = NS(); Init._set_dtype(obj, ds_config, dtype); return str(obj.dtype)
+before = picked(None, torch.float32)
+compat.keep_zero3_init_dtype()  # no DeepSpeed launch: a no-op
+untouched = picked(None, torch.float32) == before
+os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+compat.keep_zero3_init_dtype(); compat.keep_zero3_init_dtype()  # once
+print(bool(get_accelerator().is_fp16_supported()), before, untouched, picked(None, torch.float32),
+      picked(cfg(True), None), picked(cfg(False), None))
+"""
+    env = {k: v for k, v in child_env().items() if k != "ACCELERATE_USE_DEEPSPEED"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    fp16, before, untouched, given, bf16_cfg, fp32_cfg = out.stdout.strip().splitlines()[-1].split()
+    assert before == ("torch.float32" if fp16 == "True" else "torch.bfloat16"), out.stdout  # the bug, on this CPU
+    assert untouched == "True" and given == "torch.float32", out.stdout
+    assert (bf16_cfg, fp32_cfg) == ("torch.bfloat16", "torch.float32"), out.stdout
+
+
 @pytest.mark.parametrize(
     "stage, sp, scale",
     [(None, 2, 1.0), (0, 2, 0.5), (1, 2, 0.5), (2, 4, 0.25), (3, 2, 1.0), (2, 1, 1.0)],

@@ -1,7 +1,8 @@
 """The DeepSpeed workarounds: universal-checkpoint loading (#7546) and the ZeRO-3 optimizer state it shares, the
 full fp32 state of a ZeRO 1/2 parameter, the pipeline engine (ZeRO-0 clipping, frozen tied weights, the instruction
-table and the stage topology the bubble meter reads), and the gradient scale of the sequence-parallel loss
-(#5248, #5555). Each calls guard() with its entry in dsrecipes.compat.registry. Imports no torch at import time.
+table and the stage topology the bubble meter reads), the gradient scale of the sequence-parallel loss
+(#5248, #5555) and the dtype ZeRO-3's Init keeps (#8428's line). Each calls guard() with its entry in
+dsrecipes.compat.registry. Imports no torch at import time.
 """
 
 from __future__ import annotations
@@ -114,3 +115,33 @@ def sp_gradient_scale(engine, sp: int) -> float:
         return 1.0
     guard("deepspeed_sp_gradient_sum")
     return 1.0 / sp if stage() < 3 else 1.0
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 partitioning
+def keep_zero3_init_dtype() -> None:
+    """Make zero.Init keep a dtype it is given. DeepSpeed 0.19.8's Init._set_dtype reads
+    `dtype or fp16 if is_fp16_supported() else bf16 if is_bf16_supported else fp32`, which Python groups as
+    `(dtype or fp16) if ... else (...)`: where the accelerator has no fp16 (DeepSpeed's cpu accelerator on a CPU
+    without AVX512-FP16/AMX-FP16, where is_fp16_supported() returns None) the dtype is dropped, and the missing `()`
+    (DeepSpeed PR #8428) makes it bfloat16. The engine builds Init with the model's dtype, so an fp32 ZeRO-3 run's
+    NVMe parameter swapper got bfloat16 buffers (swap folder zero_stage_3/bfloat16params) on such CPUs and fp32
+    ones on others. Patched once per process: an explicit dtype is kept (what every GPU accelerator already gets);
+    without one, the config decides as before. A no-op outside a DeepSpeed launch (no deepspeed import)."""
+    from accelerate.utils import parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    if getattr(pp.Init._set_dtype, "_dsrecipes", False):
+        return
+    guard("deepspeed_zero3_init_dtype")
+    original = pp.Init._set_dtype
+
+    def _set_dtype(self, ds_config, dtype):
+        original(self, ds_config, dtype)
+        if dtype is not None:
+            self.dtype = dtype
+
+    _set_dtype._dsrecipes = True
+    pp.Init._set_dtype = _set_dtype

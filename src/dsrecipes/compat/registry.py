@@ -164,6 +164,14 @@ WORKAROUNDS: dict[str, Workaround] = {
         "gradients add up (sp x the unsplit gradient), while ZeRO-3's reduce-scatter divides by the world size "
         "(they average); the SP loss takes 1/sp of its backward under ZeRO 0-2 (compat.sp_gradient_scale)",
     ),
+    "deepspeed_zero3_init_dtype": Workaround(
+        "deepspeed",
+        "0.19.8",
+        "DeepSpeed PR #8428 (the same line; the grouping that drops an explicit dtype: no upstream issue found)",
+        "zero.Init drops the dtype it is given where the accelerator lacks fp16 (the cpu accelerator on most CPUs) "
+        "and picks bfloat16: an fp32 ZeRO-3 run swapped its parameters to NVMe through bfloat16 buffers; the "
+        "given dtype is kept (compat.keep_zero3_init_dtype)",
+    ),
     "bnb_cpu_packed_4bit": Workaround(
         "bitsandbytes", "0.50.2", "no upstream issue found", "CPU 4-bit eval packing breaks training: disabled"
     ),

@@ -32,6 +32,7 @@ def make_accelerator(args, project: str):
             "configs/accelerate/deepspeed_cpu_2proc.yaml",
         )
     compat.fix_cpu_deepspeed_world_size()
+    compat.keep_zero3_init_dtype()  # before any zero.Init: the engine's Init keeps the model's dtype
     elastic.keep_global_batch(args, "<args>")  # resuming on another world size
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
