@@ -19,7 +19,7 @@ Cost (~3 min on 2 cores): the runs stop at SPIKE_STEPS instead of max_steps. The
 peak lr after it (the known spikes: update 13 above; update 20 for seed 42 with the old zero.Init weights, where lr
 peaked right at the end of warm-up). Up to the end of warm-up the lr is the full run's exactly (linear warm-up does
 not depend on max_steps); after it the shorter cosine decays sooner, so the runs cover the peak, not the whole
-plateau (the full 300-step runs of seeds 1-5 are measured in the config's header).
+plateau (the config's header has the full runs: seeds 1-5 at the old 300 steps, seed 42 at 900).
 
 Run: .venv/bin/python -m pytest tests/test_loss_spikes.py -q -m slow
 """
