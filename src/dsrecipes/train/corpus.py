@@ -64,20 +64,25 @@ class Language:
         """Expected bytes of one document (words, spaces, periods) plus its EOS token, from the word distribution at
         each position of the chain (uniform first word, then the successor weights)."""
         size = [len(w) for w in self.words]
-        dist = [1.0 / len(self.words)] * len(self.words)
         letters_upto = []  # letters_upto[k]: expected letters of words 0..k
         total = 0.0
-        for _ in range(MAX_TRANSITIONS + 1):
+        for dist in self._word_marginals():
             total += sum(p * s for p, s in zip(dist, size))
             letters_upto.append(total)
+        ns = range(MIN_TRANSITIONS, MAX_TRANSITIONS + 1)
+        per_n = [letters_upto[n] + n + n // PERIOD_EVERY + 1 for n in ns]  # + spaces + periods + EOS
+        return sum(per_n) / len(per_n)
+
+    def _word_marginals(self):
+        """P(word) at word positions 0..MAX_TRANSITIONS of a document: uniform, then through the successor weights."""
+        dist = [1.0 / len(self.words)] * len(self.words)
+        for _ in range(MAX_TRANSITIONS + 1):
+            yield dist
             nxt = [0.0] * len(dist)
             for w, p in zip(self.words, dist):
                 for j, weight in zip(self.successors[w], WEIGHTS):
                     nxt[j] += p * weight
             dist = nxt
-        ns = range(MIN_TRANSITIONS, MAX_TRANSITIONS + 1)
-        per_n = [letters_upto[n] + n + n // PERIOD_EVERY + 1 for n in ns]  # + spaces + periods + EOS
-        return sum(per_n) / len(per_n)
 
     def entropy_rate_per_byte(self) -> float:
         """Nats per byte token: the eval loss of the Bayes-optimal model under the byte tokenizer."""
@@ -140,18 +145,12 @@ class Language:
         """P(state) at a uniformly random token position of the stream: each written character of unit j's word w
         weighs P(the document has unit j) x P(its word is w); the EOS weighs 1 (one per document)."""
         lengths = MAX_TRANSITIONS - MIN_TRANSITIONS + 1
-        dist = [1.0 / len(self.words)] * len(self.words)
         prior = {(0, None, 0): 1.0}
-        for j in range(MAX_TRANSITIONS + 1):
+        for j, dist in enumerate(self._word_marginals()):
             exists = 1.0 if j <= MIN_TRANSITIONS else (MAX_TRANSITIONS - j + 1) / lengths
             for w, p in enumerate(dist):
                 for k in range(1, len(self._unit(j, w)) + 1):
                     prior[(j, w, k)] = exists * p
-            nxt = [0.0] * len(dist)
-            for w, p in enumerate(dist):
-                for v, q in zip(self.successors[self.words[w]], WEIGHTS):
-                    nxt[v] += p * q
-            dist = nxt
         return prior
 
 
