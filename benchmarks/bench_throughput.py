@@ -219,13 +219,14 @@ def bench_teacher():
 
 
 def eval_block_optimum() -> float:
-    """The Bayes-optimal loss on the teacher's eval blocks (its 100 eval documents of seed 1234, sample seed 1236, in
-    128-token blocks; dsrecipes.train.corpus.Language.block_loss): what its eval loss can reach. The distillation
+    """The Bayes-optimal loss on the teacher's eval blocks (its 100 eval documents of the default generated_seed 1234,
+    in 128-token blocks; dsrecipes.train.corpus.Language.block_loss): what its eval loss can reach. The distillation
     rows share the eval set."""
-    from dsrecipes.train.corpus import Language, generated_corpus
+    from dsrecipes.train.corpus import Language, generated_split
 
     docs = int(TEACHER[TEACHER.index("--eval_docs") + 1])
-    return Language(1234).block_loss(generated_corpus(docs, 1234, 1236), int(COMMON[COMMON.index("--block_size") + 1]))
+    evl = generated_split(0, docs, 1234)[1]
+    return Language(1234).block_loss(evl, int(COMMON[COMMON.index("--block_size") + 1]))
 
 
 # ----------------------------------------------------------------------------- 2. freezing

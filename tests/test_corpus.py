@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import math
 
-from dsrecipes.train.corpus import MAX_TRANSITIONS, MIN_TRANSITIONS, PERIOD_EVERY, WEIGHTS, Language, generated_corpus
+from dsrecipes.train.corpus import (
+    MAX_TRANSITIONS,
+    MIN_TRANSITIONS,
+    PERIOD_EVERY,
+    WEIGHTS,
+    Language,
+    generated_corpus,
+    generated_split,
+)
 
 EOS = "\0"  # stands for the EOS token after each document
 
@@ -98,7 +106,7 @@ def test_block_loss_is_the_optimal_predictors_loss_on_one_long_block():
 def test_block_loss_falls_toward_the_entropy_rate_as_blocks_grow():
     """Short blocks start inside documents without the words, transitions and '.' phase before them: the optimum on
     the eval blocks of `make train` (128 tokens) is well above the entropy rate; long blocks approach it."""
-    lang, docs = Language(1234), generated_corpus(100, 1234, 1236)  # make train's eval documents (seed + 2)
+    lang, docs = Language(1234), generated_split(0, 100, 1234)[1]  # the first 100 of make train's eval documents
     rate = lang.entropy_rate_per_byte()
     losses = {size: lang.block_loss(docs, size) for size in (128, 512, 4096)}
     assert losses[128] > losses[512] > losses[4096] > 0.98 * rate

@@ -159,6 +159,15 @@ def _normalise(belief: dict) -> dict:
     return {s: p / total for s, p in belief.items()}
 
 
+def generated_split(train_docs: int, eval_docs: int, language_seed: int) -> tuple[list[str], list[str]]:
+    """(train, eval) documents of the `dataset: generated` recipes: one language, sample seeds language_seed + 1 and
+    + 2 (dsrecipes.train.data reads them; the bench computes its eval blocks' optimum from the same eval text)."""
+    return (
+        generated_corpus(train_docs, language_seed, language_seed + 1),
+        generated_corpus(eval_docs, language_seed, language_seed + 2),
+    )
+
+
 def generated_corpus(num_docs: int, language_seed: int, sample_seed: int) -> list[str]:
     """Documents in the language of `language_seed`; `sample_seed` picks the documents, so train and eval share a
     language but not text. Unigram byte entropy is about 3 nats; the entropy rate (Language.entropy_rate_per_byte)

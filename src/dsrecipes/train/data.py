@@ -14,7 +14,7 @@ import os
 from collections import Counter
 
 from dsrecipes.config.errors import ConfigError
-from dsrecipes.train.corpus import Language, generated_corpus  # noqa: F401  (re-exported)
+from dsrecipes.train.corpus import Language, generated_corpus, generated_split  # noqa: F401  (re-exported)
 
 EOS = "<|endoftext|>"
 
@@ -82,8 +82,7 @@ def _load_raw(args):
     import datasets
 
     if args.dataset == "generated":
-        train = generated_corpus(args.generated_docs, args.generated_seed, args.generated_seed + 1)
-        evl = generated_corpus(args.eval_docs, args.generated_seed, args.generated_seed + 2)
+        train, evl = generated_split(args.generated_docs, args.eval_docs, args.generated_seed)
         return datasets.Dataset.from_dict({"text": train}), datasets.Dataset.from_dict({"text": evl}), "text"
     path = args.dataset
     ext = os.path.splitext(path)[1].lower()
