@@ -96,9 +96,10 @@ def bench_teacher():
 
 
 def teacher_key(args: list[str]) -> dict | None:
-    """What the teacher run depends on: its arguments, the bytes of the recipe, its configs and the training library
-    (src/dsrecipes/train, src/dsrecipes/config), and the versions. A later bench whose key is equal reuses the run
-    (45 min on 2 cores) instead of training it again; BENCH_FRESH_TEACHER=1 or BENCH_QUICK=1 always retrains."""
+    """What the teacher run depends on: its arguments, the bytes of the recipe, its YAML, model, DeepSpeed and
+    accelerate configs and every module of src/dsrecipes (the run imports the loop, configs, memory, freezing and
+    parallel code), and the versions. A later bench whose key is equal reuses the run (45 min on 2 cores) instead of
+    training it again; BENCH_FRESH_TEACHER=1 or BENCH_QUICK=1 always retrains."""
     import glob
     import hashlib
 
@@ -106,11 +107,9 @@ def teacher_key(args: list[str]) -> dict | None:
 
     if QUICK or os.environ.get("BENCH_FRESH_TEACHER") == "1":
         return None
-    files = ["recipes/train_lm.py", "configs/recipes/train_tiny_zero2.yaml", TEACHER[1], ZERO2, DS_YAML]
-    for pkg in ("train", "config"):
-        files += sorted(
-            os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(ROOT, "src", "dsrecipes", pkg, "*.py"))
-        )
+    configs = [args[args.index(flag) + 1] for flag in ("--config", "--model_config")]
+    library = glob.glob(os.path.join(ROOT, "src", "dsrecipes", "**", "*.py"), recursive=True)
+    files = ["recipes/train_lm.py", *configs, ZERO2, DS_YAML, *sorted(os.path.relpath(f, ROOT) for f in library)]
     digest = {}
     for f in files:
         with open(os.path.join(ROOT, f), "rb") as fh:
